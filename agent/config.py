@@ -1,0 +1,58 @@
+"""One Settings object: defaults < facsynth.toml < FACSYNTH_* env vars < CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from platformdirs import user_cache_dir
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from tools.coverage import JudgeSettings
+from tools.probe import ProbeSettings
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FACSYNTH_", env_nested_delimiter="__", toml_file="facsynth.toml",
+        extra="forbid",
+    )
+
+    home: Path = Field(
+        default_factory=lambda: Path(user_cache_dir("facsynth")),
+        description="cache for converted models and activations (env FACSYNTH_HOME)",
+    )
+    model: str = Field("smollm2-135m", description="profile name, local folder or hub id")
+    sae: str | None = Field(None, description="SAE spec; default: the model profile's SAE")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    delta: float = Field(1.0, ge=0, description="feature active when max activation > delta")
+    max_tokens: int = Field(256, ge=2, description="longer texts are truncated")
+    batch_tokens: int = Field(4096, ge=16, description="padded tokens per forward batch")
+    chat_template: bool = Field(False, description="wrap texts as a user turn")
+    top_spans: int = Field(3, ge=0, description="activating spans kept per missing feature")
+    span_window: int = Field(12, ge=1, description="tokens per span, ending at the peak")
+    judge: JudgeSettings = JudgeSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    def probe_settings(self) -> ProbeSettings:
+        return ProbeSettings(
+            max_tokens=self.max_tokens, batch_tokens=self.batch_tokens,
+            chat_template=self.chat_template,
+        )

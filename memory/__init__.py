@@ -1,0 +1,1 @@
+"""Persistent stores: the activation cache (and, later, feature memory and run store)."""

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from memory.activation_cache import ActivationCache
+from tools import probe as probe_mod
+from tools.probe import (
+    ProbeSettings,
+    encode,
+    length_buckets,
+    probe_texts,
+    reference_max_acts,
+    top_spans,
+)
+
+TEXTS = [
+    "how do I bake bread",
+    "hi",
+    "tell me how to hurt someone " * 6,
+    "write a poem about the sea",
+    "the quick brown fox jumps over the lazy dog",
+    "hack into my neighbour's wifi please",
+] * 4
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ProbeSettings(batch_tokens=64),  # many small bucketed batches
+        ProbeSettings(batch_tokens=100_000, max_batch=64),  # one padded batch
+        ProbeSettings(chat_template=True, max_tokens=24, batch_tokens=128),
+    ],
+    ids=["bucketed", "one-batch", "chat-template-truncated"],
+)
+def test_probe_equals_naive_reference(tiny_lm, tiny_sae, settings) -> None:
+    got = probe_texts(TEXTS, tiny_lm, tiny_sae, settings).max_matrix().toarray()
+    want = reference_max_acts(TEXTS, tiny_lm, tiny_sae, settings, batch_size=16)
+    assert (want > 0).sum() > 50
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_chat_template_tokens_are_not_counted(tiny_lm) -> None:
+    (plain,) = encode(tiny_lm.tokenizer, ["bake bread"], ProbeSettings())
+    (chat,) = encode(tiny_lm.tokenizer, ["bake bread"], ProbeSettings(chat_template=True))
+    assert len(chat.ids) > len(plain.ids)
+    counted = [chat.offsets[i] for i in np.flatnonzero(chat.counted)]
+    assert counted and all(0 <= s < e <= len("bake bread") for s, e in counted)
+    # plain text: everything but the attention-sink position counts
+    assert not plain.counted[0] and plain.counted[1:].all()
+
+
+def test_buckets_respect_token_budget() -> None:
+    lengths = [5, 50, 7, 49, 6, 48, 3]
+    settings = ProbeSettings(batch_tokens=100, max_batch=3)
+    batches = list(length_buckets(lengths, settings))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3
+        assert max(lengths[i] for i in b) * len(b) <= 100 or len(b) == 1
+
+
+def test_truncation_warns_once(tiny_lm, tiny_sae, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        probe_texts(TEXTS, tiny_lm, tiny_sae, ProbeSettings(max_tokens=8))
+    warnings = [r for r in caplog.records if "truncated" in r.message]
+    assert len(warnings) == 1
+    assert "max_tokens=8" in warnings[0].getMessage()
+
+
+def test_cache_hits_skip_the_model(tiny_lm, tiny_sae, tmp_path, monkeypatch) -> None:
+    cache = ActivationCache(tmp_path / "acts.sqlite")
+    calls: list[int] = []
+    real = probe_mod.probe_batch
+    monkeypatch.setattr(
+        probe_mod, "probe_batch", lambda lm, sae, b: calls.append(len(b)) or real(lm, sae, b)
+    )
+    cold = probe_texts(TEXTS, tiny_lm, tiny_sae, cache=cache)
+    n_unique = len(set(TEXTS))
+    assert sum(calls) == n_unique and len(cache) == n_unique
+    calls.clear()
+    changed = TEXTS[:-1] + ["a completely new sentence"]
+    warm = probe_texts(changed, tiny_lm, tiny_sae, cache=cache)
+    assert sum(calls) == 1  # only the new text reaches the model
+    np.testing.assert_array_equal(
+        warm.max_matrix()[:-1].toarray(), cold.max_matrix()[:-1].toarray()
+    )
+
+
+def test_interrupted_probe_leaves_consistent_cache(tiny_lm, tiny_sae, tmp_path) -> None:
+    settings = ProbeSettings(batch_tokens=40)
+    cache = ActivationCache(tmp_path / "acts.sqlite")
+    seen = [0]
+
+    def die_after_two_batches(n: int) -> None:
+        seen[0] += 1
+        if seen[0] == 3:  # first call reports cached rows, then one call per batch
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        probe_texts(TEXTS, tiny_lm, tiny_sae, settings, cache=cache, progress=die_after_two_batches)
+    partial = len(cache)
+    assert 0 < partial < len(set(TEXTS))
+    resumed = probe_texts(TEXTS, tiny_lm, tiny_sae, settings, cache=cache)
+    fresh = probe_texts(TEXTS, tiny_lm, tiny_sae, settings)
+    np.testing.assert_array_equal(resumed.max_matrix().toarray(), fresh.max_matrix().toarray())
+    np.testing.assert_array_equal(resumed.pooled(), fresh.pooled())
+
+
+def test_progress_counts_every_text(tiny_lm, tiny_sae, tmp_path) -> None:
+    cache = ActivationCache(tmp_path / "acts.sqlite")
+    probe_texts(TEXTS[:6], tiny_lm, tiny_sae, cache=cache)
+    ticks: list[int] = []
+    probe_texts(TEXTS, tiny_lm, tiny_sae, cache=cache, progress=ticks.append)
+    assert sum(ticks) == len(TEXTS)
+
+
+def test_count_matrix_and_peaks(tiny_lm, tiny_sae) -> None:
+    result = probe_texts(TEXTS[:6], tiny_lm, tiny_sae)
+    counts = result.count_matrix(0.0).toarray()
+    maxes = result.max_matrix().toarray()
+    assert ((counts > 0) == (maxes > 0)).all()
+    assert counts.max() > 1  # some feature fires on several tokens of one text
+    n_counted = [a.n_tokens - 1 for a in result.acts]
+    assert (counts.max(axis=1) <= np.array(n_counted)).all()
+    peaks = result.peak_positions().toarray() - 1
+    for row, acts in enumerate(result.acts):
+        f = int(acts.feat[0])
+        at_peak = acts.val[(acts.feat == f) & (acts.pos == peaks[row, f])]
+        assert at_peak.max() == pytest.approx(maxes[row, f])
+
+
+def test_top_spans_end_at_peak(tiny_lm, tiny_sae) -> None:
+    texts = TEXTS[:6]
+    settings = ProbeSettings()
+    result = probe_texts(texts, tiny_lm, tiny_sae, settings)
+    maxes = result.max_matrix().toarray()
+    f = int(np.argmax((maxes > 0).sum(axis=0)))
+    spans = top_spans(result, texts, tiny_lm.tokenizer, settings, [f], n=3, window=2)[f]
+    assert [a for _, _, a in spans] == sorted((a for _, _, a in spans), reverse=True)
+    assert spans[0][2] == pytest.approx(maxes[:, f].max())
+    for row, span, _ in spans:
+        assert span and span in texts[row]

@@ -1,0 +1,266 @@
+"""Loading and validating text datasets (JSONL, CSV, Parquet, Hugging Face hub).
+
+Every problem becomes a DataError naming the file, the line (or row) and the field, so
+users can fix their data without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from tools.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_SUFFIXES = ".jsonl, .json, .csv or .parquet"
+
+Row = tuple[str, dict[str, Any]]  # (where, e.g. "data.jsonl line 3"; the row's fields)
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """Validated texts with 0/1 labels, or labels=None when the source has none."""
+
+    texts: list[str]
+    labels: list[int] | None
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.labels is not None and len(self.labels) != len(self.texts):
+            raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def n_positive(self) -> int:
+        """Rows labelled 1; 0 for unlabelled data."""
+        return sum(self.labels) if self.labels is not None else 0
+
+    def subset(self, indices: Iterable[int]) -> TextDataset:
+        """The rows at `indices`, in that order (for splits and sampling)."""
+        idx = list(indices)
+        labels = None if self.labels is None else [self.labels[i] for i in idx]
+        return TextDataset([self.texts[i] for i in idx], labels, self.source)
+
+
+def load_texts(
+    source: str | Path,
+    *,
+    text_field: str = "text",
+    label_field: str | None = "label",
+    require_labels: bool = False,
+) -> TextDataset:
+    """Load texts and 0/1 labels from a local file or a Hugging Face dataset id.
+
+    The suffix picks the format; a string that is neither a known suffix nor an
+    existing path is a hub id, optionally `id:split` (default split "train").
+    """
+    if require_labels and label_field is None:
+        raise DataError("require_labels=True needs a label_field, e.g. 'label'")
+    path, name = Path(source), str(source)
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None and not path.exists():
+        rows: Iterable[Row] = _hub_rows(name, text_field, label_field)
+    elif not path.is_file():
+        problem = "is a directory" if path.exists() else "file not found"
+        raise DataError(f"{path}: {problem}; pass an existing {_SUFFIXES} file")
+    elif fmt is None:
+        raise DataError(f"{path}: unsupported format '{path.suffix}'; use {_SUFFIXES}")
+    elif fmt == "json":
+        rows = _jsonl_rows(path)
+    else:
+        rows = _table_rows(path, fmt, text_field, label_field)
+    ds = _validate(rows, name, text_field, label_field, require_labels)
+    logger.info("loaded %d texts (%d positive) from %s", len(ds), ds.n_positive, name)
+    return ds
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line, text); decoding per line pins bad UTF-8 to its line."""
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path} line {lineno}: not valid UTF-8 (bad byte at column "
+                f"{exc.start + 1}); re-save the file as UTF-8"
+            ) from exc
+        yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    for lineno, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                "each line must hold one complete JSON object"
+            ) from exc
+        if not isinstance(obj, dict):
+            raise DataError(
+                f"{where}: expected a JSON object, got {type(obj).__name__}; write "
+                'one object per line, e.g. {"text": "...", "label": 0}'
+            )
+        yield where, obj
+
+
+def _csv_layout(path: Path) -> tuple[list[str], list[int]]:
+    """Header and first line of each record, exact even with quoted newlines."""
+    text = "\n".join(line for _, line in _decoded_lines(path))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records, end = [], 0
+    for record in reader:
+        if record:
+            records.append((end + 1, record))
+        end = reader.line_num
+    return (records[0][1] if records else []), [start for start, _ in records[1:]]
+
+
+def _table_rows(
+    path: Path, fmt: str, text_field: str, label_field: str | None
+) -> list[Row]:
+    import datasets
+
+    kwargs: dict[str, Any] = {}
+    lines: list[int] = []
+    if fmt == "csv":
+        header, lines = _csv_layout(path)  # also pins non-UTF-8 bytes to a line
+        if not lines:
+            _raise_empty(str(path))
+        # Every cell a string, none NaN: "NA" stays text and "007" stays "007".
+        kwargs["keep_default_na"] = False
+        if all(header) and len(set(header)) == len(header):
+            string = datasets.Value("string")
+            kwargs["features"] = datasets.Features({c: string for c in header})
+    elif _parquet_num_rows(path) == 0:  # datasets cannot build a split of zero rows
+        _raise_empty(str(path))
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:
+        detail = exc.__cause__ or exc  # datasets wraps the parser's own message
+        raise DataError(f"{path}: cannot read as {fmt} ({detail})") from exc
+    if fmt == "parquet":
+        wheres = [f"{path} row {n}" for n in range(1, len(ds) + 1)]
+    else:
+        if len(lines) != len(ds):  # the parsers disagree: assume one line per row
+            lines = list(range(2, len(ds) + 2))
+        wheres = [f"{path} line {n}" for n in lines]
+    return _columns_to_rows(ds, wheres, text_field, label_field)
+
+
+def _parquet_num_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    except Exception as exc:
+        raise DataError(f"{path}: not a valid Parquet file ({exc})") from exc
+
+
+def _hub_rows(source: str, text_field: str, label_field: str | None) -> list[Row]:
+    import datasets
+
+    repo, _, split = source.partition(":")
+    split = split or "train"
+    try:
+        ds = datasets.load_dataset(repo, split=split)
+    except Exception as exc:
+        raise DataError(
+            f"{source}: no such local file, and Hugging Face dataset '{repo}' split "
+            f"'{split}' failed to load ({exc}); check the path, id, split and network"
+        ) from exc
+    wheres = [f"{repo} (split {split}) row {n}" for n in range(1, len(ds) + 1)]
+    return _columns_to_rows(ds, wheres, text_field, label_field)
+
+
+def _columns_to_rows(
+    ds: Any, wheres: list[str], text_field: str, label_field: str | None
+) -> list[Row]:
+    columns = list(ds.column_names)
+    if wheres and text_field not in columns:
+        _raise_no_text(wheres[0], text_field, columns)
+    wanted = [c for c in (text_field, label_field) if c is not None and c in columns]
+    data = ds.select_columns(wanted).to_dict() if wheres else {}
+    return [(w, {c: data[c][i] for c in wanted}) for i, w in enumerate(wheres)]
+
+
+def _raise_no_text(where: str, field: str, present: Iterable[str]) -> NoReturn:
+    raise DataError(
+        f"{where}: no field '{field}' (fields present: {', '.join(present) or 'none'});"
+        " add it, or pass text_field= to name the text field"
+    )
+
+
+def _raise_empty(name: str) -> NoReturn:
+    raise DataError(f"{name}: the dataset has no rows; add at least one text")
+
+
+def _parse_label(value: Any, where: str, field: str) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float) and value in (0, 1):
+        return int(value)
+    if isinstance(value, str) and value.strip() in ("0", "1"):
+        return int(value)
+    raise DataError(
+        f"{where}: field '{field}' is {value!r}; use 0 or 1 "
+        '(true/false and the strings "0"/"1" also work)'
+    )
+
+
+def _validate(
+    rows: Iterable[Row],
+    name: str,
+    text_field: str,
+    label_field: str | None,
+    require_labels: bool,
+) -> TextDataset:
+    """Check every row; a label may be missing only when no row has one."""
+    texts: list[str] = []
+    labels: list[int] = []
+    first_missing: str | None = None
+    first_labelled: str | None = None
+    for where, row in rows:
+        if text_field not in row:
+            _raise_no_text(where, text_field, row)
+        text = row[text_field]
+        if not isinstance(text, str) or not text.strip():
+            what = f"a {type(text).__name__}, not a string"
+            if text is None or isinstance(text, str):
+                what = "empty or whitespace-only"
+            raise DataError(
+                f"{where}: field '{text_field}' is {what};"
+                " put non-empty text there or remove the row"
+            )
+        texts.append(text)
+        value = None if label_field is None else row.get(label_field)
+        if value is None or value == "":
+            first_missing = first_missing or where
+            labels.append(0)
+        else:
+            first_labelled = first_labelled or where
+            labels.append(_parse_label(value, where, str(label_field)))
+    if not texts:
+        _raise_empty(name)
+    if first_missing and (first_labelled or require_labels):
+        why = "labels are required"
+        if first_labelled:
+            why = f"other rows have one ({first_labelled})"
+        raise DataError(
+            f"{first_missing}: field '{label_field}' is missing but {why};"
+            f" give every row a '{label_field}' of 0 or 1"
+        )
+    return TextDataset(texts, labels if first_labelled else None, name)

