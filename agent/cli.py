@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from agent.config import Settings
-from tools.errors import FacsynthError
+from tools.errors import ConfigError, FacsynthError
 
 app = typer.Typer(
     help="facsynth: find the task features your data is missing, measured in a language "
@@ -33,15 +33,24 @@ err = Console(stderr=True)
 ModelOpt = Annotated[str | None, typer.Option(help="model profile, local folder or hub id")]
 SaeOpt = Annotated[str | None, typer.Option(help="SAE: sae-lens folder or release/sae_id")]
 DeltaOpt = Annotated[
-    float | None, typer.Option(help="a feature is active when its max activation > delta")
+    float | None, typer.Option(help="threshold=absolute: active when activation > delta")
 ]
 TextField = Annotated[str, typer.Option(help="name of the text column")]
 LabelField = Annotated[str, typer.Option(help="name of the 0/1 label column")]
 
 
 def _settings(**overrides: Any) -> Settings:
+    from pydantic import ValidationError
+
     given = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()
+        )
+        raise ConfigError(f"invalid settings (flags, FACSYNTH_* env or facsynth.toml): "
+                          f"{problems}") from None
 
 
 @app.callback()
@@ -89,6 +98,14 @@ def coverage(
     model: ModelOpt = None,
     sae: SaeOpt = None,
     delta: DeltaOpt = None,
+    threshold: Annotated[
+        str | None, typer.Option(help="absolute (one --delta) or quantile (per feature)")
+    ] = None,
+    quantile: Annotated[
+        float | None, typer.Option(help="threshold=quantile: per-feature anchor quantile")
+    ] = None,
+    pooling: Annotated[str | None, typer.Option(help="max (default) or count")] = None,
+    min_tokens: Annotated[int | None, typer.Option(help="pooling=count: tokens")] = None,
     min_support: Annotated[int | None, typer.Option(help="label judge: positive rows")] = None,
     min_log_odds: Annotated[float | None, typer.Option(help="label judge: log-odds")] = None,
     top: Annotated[int, typer.Option(help="missing features to show")] = 10,
@@ -99,11 +116,12 @@ def coverage(
     from tools.data import load_texts
 
     with _errors():
-        judge = Settings().judge.model_copy(
-            update={k: v for k, v in {"min_support": min_support,
-                                      "min_log_odds": min_log_odds}.items() if v is not None}
+        settings = _settings(model=model, sae=sae, delta=delta, threshold=threshold,
+                             quantile=quantile, pooling=pooling, min_tokens=min_tokens)
+        judge = {"min_support": min_support, "min_log_odds": min_log_odds}
+        settings.judge = settings.judge.model_copy(
+            update={k: v for k, v in judge.items() if v is not None}
         )
-        settings = _settings(model=model, sae=sae, delta=delta, judge=judge)
         a = load_texts(anchor, text_field=text_field, label_field=label_field,
                        require_labels=True)
         d = load_texts(data, text_field=text_field, label_field=label_field)
@@ -119,7 +137,7 @@ def coverage(
 def _print_coverage(report: Any, top: int) -> None:
     out.print(
         f"[bold]FAC = {report.fac:.3f}[/]  ({report.n_covered} of {report.n_task} task features "
-        f"covered; delta = {report.delta:g}, judge = {report.judge})"
+        f"covered; active = {report.rule.describe()}, judge = {report.judge})"
     )
     out.print(
         f"anchor: {report.n_anchor} rows, {report.n_active_anchor} active features, "
@@ -128,7 +146,10 @@ def _print_coverage(report: Any, top: int) -> None:
         f"{len(report.missing)} task features missing"
     )
     if report.saturated:
-        out.print("[yellow]warning: FAC is saturated (>= 0.99): raise delta or use a wider SAE")
+        out.print(
+            "[yellow]warning: FAC is saturated (>= 0.99): raise the threshold (--delta or "
+            "--quantile) or use a wider SAE"
+        )
     if not report.missing:
         return
     table = Table(title=f"top {min(top, len(report.missing))} missing features")
@@ -147,7 +168,7 @@ def probe(
     text_field: TextField = "text",
     model: ModelOpt = None,
     sae: SaeOpt = None,
-    delta: DeltaOpt = None,
+    delta: Annotated[float | None, typer.Option(help="report features with max > delta")] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="write per-text active features here")
     ] = None,
@@ -170,7 +191,7 @@ def probe(
     per_text = (maxes > settings.delta).sum(axis=1)
     out.print(
         f"{len(d)} texts, {sum(a.n_tokens for a in result.acts)} tokens in {secs:.1f}s; "
-        f"{int(active_features(maxes, settings.delta).sum())} of {result.d_sae} features active "
+        f"{int(active_features(maxes > settings.delta).sum())} of {result.d_sae} features active "
         f"(delta = {settings.delta:g}); {float(per_text.mean()):.1f} active per text"
     )
     if json_out:
@@ -195,7 +216,7 @@ def train_sae(
     k: Annotated[int, typer.Option(help="active latents per token (TopK)")] = 32,
     n_vectors: Annotated[int, typer.Option(help="residual vectors to collect")] = 500_000,
     epochs: Annotated[float, typer.Option(help="passes over the vectors")] = 1.0,
-    batch_size: Annotated[int, typer.Option(help="vectors per training step")] = 4096,
+    batch_size: Annotated[int, typer.Option(help="vectors per training step")] = 512,
     max_per_file: Annotated[int, typer.Option(help="texts sampled per corpus file")] = 4000,
     max_tokens: Annotated[int, typer.Option(help="tokens per text")] = 128,
     seed: int = 0,

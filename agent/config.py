@@ -14,7 +14,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from tools.coverage import JudgeSettings
+from tools.coverage import ActivityRule, JudgeSettings
 from tools.probe import ProbeSettings
 
 
@@ -32,7 +32,13 @@ class Settings(BaseSettings):
     sae: str | None = Field(None, description="SAE spec; default: the model profile's SAE")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    delta: float = Field(1.0, ge=0, description="feature active when max activation > delta")
+    delta: float = Field(1.0, ge=0, description="threshold=absolute: active when > delta")
+    threshold: Literal["absolute", "quantile"] = Field(
+        "absolute", description="one delta for all features, or a per-feature anchor quantile"
+    )
+    quantile: float = Field(0.5, ge=0, lt=1, description="threshold=quantile: the quantile")
+    pooling: Literal["max", "count"] = Field("max", description="max over tokens, or count")
+    min_tokens: int = Field(1, ge=1, description="pooling=count: tokens above threshold")
     max_tokens: int = Field(256, ge=2, description="longer texts are truncated")
     batch_tokens: int = Field(4096, ge=16, description="padded tokens per forward batch")
     chat_template: bool = Field(False, description="wrap texts as a user turn")
@@ -50,6 +56,12 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    def activity_rule(self) -> ActivityRule:
+        return ActivityRule(
+            threshold=self.threshold, delta=self.delta, quantile=self.quantile,
+            pooling=self.pooling, min_tokens=self.min_tokens,
+        )
 
     def probe_settings(self) -> ProbeSettings:
         return ProbeSettings(

@@ -6,7 +6,13 @@ from functools import cached_property
 
 from agent.config import Settings
 from memory.activation_cache import ActivationCache
-from tools.coverage import CoverageReport, attach_spans, coverage
+from tools.coverage import (
+    CoverageReport,
+    activity,
+    attach_spans,
+    coverage,
+    feature_thresholds,
+)
 from tools.data import TextDataset
 from tools.errors import ConfigError
 from tools.models import PROFILES, LoadedModel, load_model
@@ -55,8 +61,12 @@ class Workspace:
         anchor_acts = self.probe(anchor, progress)
         data_acts = self.probe(data, progress)
         anchor_max = anchor_acts.max_matrix()
+        rule = s.activity_rule()
+        thresholds = feature_thresholds(rule, anchor_max)
         report, _ = coverage(
-            anchor_max, anchor.labels, data_acts.max_matrix(), delta=s.delta, judge=s.judge
+            activity(anchor_acts, rule, thresholds), anchor.labels,
+            activity(data_acts, rule, thresholds), anchor_max=anchor_max, rule=rule,
+            judge=s.judge,
         )
         spans = top_spans(
             anchor_acts, anchor.texts, self.model.tokenizer, s.probe_settings(),

@@ -68,7 +68,8 @@ def max_acts_per_layer(lm, saes, texts, settings):  # type: ignore[no-untyped-de
 def separation(x_tr, y_tr, x_te, y_te, delta: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
     import scipy.sparse as sp
 
-    mask = label_judge(JudgeSettings())(sp.csr_matrix(x_tr), list(y_tr), delta)
+    mask = label_judge(JudgeSettings())(sp.csr_matrix((x_tr > delta).astype(np.float32)),
+                                        list(y_tr))
     clf = LogisticRegression(max_iter=2000, class_weight="balanced", C=0.5)
     clf.fit(np.log1p(x_tr[:, mask]), y_tr)
     p = clf.predict_proba(np.log1p(x_te[:, mask]))[:, 1]

@@ -1,7 +1,12 @@
 """Feature Activation Coverage (FAC) of a dataset against a task's relevant features.
 
-F(D) = features active (a(x, f) > delta) in some row of D. F_task = features active in
-the anchor set that a relevance judge accepts. FAC(D) = |F_task & F(D)| / |F_task|.
+F(D) = features active in some row of D. F_task = features active in the anchor set that
+a relevance judge accepts. FAC(D) = |F_task & F(D)| / |F_task|.
+
+When a feature counts as active in a text is an `ActivityRule`: its max activation over
+the text's tokens (or the number of tokens) above a threshold that is either one absolute
+delta for all features or, per feature, a quantile of its non-zero anchor activations
+(features differ in scale, so one delta is strict for some and lax for others).
 
 The `label` judge needs anchor labels: a feature is task-relevant when it is active on
 at least `min_support` positive anchor rows and the smoothed log-odds of its activation
@@ -19,6 +24,52 @@ import scipy.sparse as sp
 from pydantic import BaseModel, Field
 
 from tools.errors import ConfigError, DataError
+from tools.probe import ProbeResult
+
+
+class ActivityRule(BaseModel):
+    threshold: Literal["absolute", "quantile"] = "absolute"
+    delta: float = Field(1.0, ge=0, description="threshold=absolute: active when > delta")
+    quantile: float = Field(
+        0.5, ge=0, lt=1,
+        description="threshold=quantile: per feature, this quantile of its non-zero anchor "
+        "max activations",
+    )
+    pooling: Literal["max", "count"] = "max"
+    min_tokens: int = Field(1, ge=1, description="pooling=count: tokens above the threshold")
+
+    def describe(self) -> str:
+        thr = f"delta {self.delta:g}" if self.threshold == "absolute" else f"q{self.quantile:g}"
+        pool = "max" if self.pooling == "max" else f">= {self.min_tokens} tokens"
+        return f"{thr}, {pool}"
+
+
+def feature_thresholds(rule: ActivityRule, anchor_max: sp.csr_matrix) -> np.ndarray:
+    """[d_sae] threshold per feature (inf for features the anchor never activates)."""
+    d = anchor_max.shape[1]
+    if rule.threshold == "absolute":
+        return np.full(d, rule.delta, dtype=np.float32)
+    csc = anchor_max.tocsc()
+    out = np.full(d, np.inf, dtype=np.float32)
+    for f in np.flatnonzero(np.diff(csc.indptr)):
+        vals = csc.data[csc.indptr[f] : csc.indptr[f + 1]]
+        # strictly-greater test: a quantile of 0 must still leave the smallest value active
+        out[f] = np.quantile(vals, rule.quantile) if rule.quantile > 0 else 0.0
+    return out
+
+
+def activity(result: ProbeResult, rule: ActivityRule, thresholds: np.ndarray) -> sp.csr_matrix:
+    """[n_texts, d_sae] 0/1 matrix: feature active in text under `rule`."""
+    if rule.pooling == "count":
+        counts = result.count_matrix(thresholds)
+        keep = counts.data >= rule.min_tokens
+    else:
+        counts = result.max_matrix()
+        keep = counts.data > thresholds[counts.indices]
+    m = counts.copy()
+    m.data = keep.astype(np.float32)
+    m.eliminate_zeros()
+    return m
 
 
 class JudgeSettings(BaseModel):
@@ -47,7 +98,7 @@ class MissingFeature(FeatureStats):
 
 
 class CoverageReport(BaseModel):
-    delta: float
+    rule: ActivityRule
     judge: str
     n_anchor: int
     n_data: int
@@ -58,20 +109,20 @@ class CoverageReport(BaseModel):
     fac: float
     anchor_fac: float
     missing: list[MissingFeature]
-    saturated: bool = Field(description="FAC >= 0.99: raise delta or use a wider SAE")
+    saturated: bool = Field(description="FAC >= 0.99: raise the threshold or use a wider SAE")
 
 
-def active_features(max_acts: sp.csr_matrix, delta: float) -> np.ndarray:
-    """[d_sae] bool: feature active (> delta) in at least one row."""
-    return np.asarray((max_acts > delta).sum(axis=0)).ravel() > 0
+def active_features(active: sp.csr_matrix) -> np.ndarray:
+    """[d_sae] bool: feature active in at least one row of a 0/1 activity matrix."""
+    return np.asarray(active.sum(axis=0)).ravel() > 0
 
 
 def feature_stats(
-    anchor_max: sp.csr_matrix, labels: Sequence[int], delta: float, smoothing: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per feature: (positive support, negative support, smoothed log-odds, anchor max)."""
+    anchor_active: sp.csr_matrix, labels: Sequence[int], smoothing: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per feature: (positive support, negative support, smoothed log-odds)."""
     y = np.asarray(labels)
-    active = (anchor_max > delta).tocsc()
+    active = anchor_active.tocsc()
     pos = np.asarray(active[y == 1].sum(axis=0)).ravel()
     neg = np.asarray(active[y == 0].sum(axis=0)).ravel()
     n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
@@ -79,20 +130,17 @@ def feature_stats(
     rate_pos = (pos + a) / (n_pos + 2 * a)
     rate_neg = (neg + a) / (n_neg + 2 * a)
     log_odds = np.log(rate_pos / (1 - rate_pos)) - np.log(rate_neg / (1 - rate_neg))
-    amax = np.asarray(anchor_max.max(axis=0).todense()).ravel()
-    return pos, neg, log_odds, amax
+    return pos, neg, log_odds
 
 
 class RelevanceJudge(Protocol):
-    def __call__(
-        self, anchor_max: sp.csr_matrix, labels: Sequence[int] | None, delta: float
-    ) -> np.ndarray:
+    def __call__(self, anchor_active: sp.csr_matrix, labels: Sequence[int] | None) -> np.ndarray:
         """[d_sae] bool mask of task-relevant features."""
         ...
 
 
 def label_judge(settings: JudgeSettings) -> RelevanceJudge:
-    def judge(anchor_max: sp.csr_matrix, labels: Sequence[int] | None, delta: float) -> np.ndarray:
+    def judge(anchor_active: sp.csr_matrix, labels: Sequence[int] | None) -> np.ndarray:
         if labels is None:
             raise DataError(
                 "the label relevance judge needs a labelled anchor set (a 0/1 `label` column)"
@@ -100,7 +148,7 @@ def label_judge(settings: JudgeSettings) -> RelevanceJudge:
         y = np.asarray(labels)
         if (y == 1).sum() == 0 or (y == 0).sum() == 0:
             raise DataError("the anchor set needs both positive (1) and negative (0) rows")
-        pos, _, log_odds, _ = feature_stats(anchor_max, labels, delta, settings.smoothing)
+        pos, _, log_odds = feature_stats(anchor_active, labels, settings.smoothing)
         return np.asarray((pos >= settings.min_support) & (log_odds >= settings.min_log_odds))
 
     return judge
@@ -115,27 +163,30 @@ def make_judge(settings: JudgeSettings) -> RelevanceJudge:
 
 
 def coverage(
-    anchor_max: sp.csr_matrix,
+    anchor_active: sp.csr_matrix,
     anchor_labels: Sequence[int] | None,
-    data_max: sp.csr_matrix,
+    data_active: sp.csr_matrix,
     *,
-    delta: float,
+    anchor_max: sp.csr_matrix,
+    rule: ActivityRule,
     judge: JudgeSettings | None = None,
 ) -> tuple[CoverageReport, np.ndarray]:
     """FAC of `data` against the anchor's task features; also returns the F_task mask.
 
+    Takes 0/1 activity matrices (see `activity`); `anchor_max` only feeds the report.
     Missing features come sorted by log-odds (most task-specific first), without spans;
     `attach_spans` fills those in.
     """
     judge = judge or JudgeSettings()
-    task = make_judge(judge)(anchor_max, anchor_labels, delta)
-    in_anchor = active_features(anchor_max, delta)
-    in_data = active_features(data_max, delta)
+    task = make_judge(judge)(anchor_active, anchor_labels)
+    in_anchor = active_features(anchor_active)
+    in_data = active_features(data_active)
     n_task = int(task.sum())
     covered = task & in_data
     missing_ids = np.flatnonzero(task & ~in_data)
-    labels = anchor_labels if anchor_labels is not None else [0] * anchor_max.shape[0]
-    pos, neg, lo, amax = feature_stats(anchor_max, labels, delta, judge.smoothing)
+    labels = anchor_labels if anchor_labels is not None else [0] * anchor_active.shape[0]
+    pos, neg, lo = feature_stats(anchor_active, labels, judge.smoothing)
+    amax = np.asarray(anchor_max.max(axis=0).todense()).ravel()
     missing = sorted(
         (
             MissingFeature(
@@ -148,8 +199,8 @@ def coverage(
     )
     fac = covered.sum() / n_task if n_task else 0.0
     report = CoverageReport(
-        delta=delta, judge=judge.judge, n_anchor=anchor_max.shape[0], n_data=data_max.shape[0],
-        n_active_anchor=int(in_anchor.sum()), n_task=n_task,
+        rule=rule, judge=judge.judge, n_anchor=anchor_active.shape[0],
+        n_data=data_active.shape[0], n_active_anchor=int(in_anchor.sum()), n_task=n_task,
         n_task_in_anchor=int((task & in_anchor).sum()), n_covered=int(covered.sum()),
         fac=float(fac), anchor_fac=float((task & in_anchor).sum() / n_task) if n_task else 0.0,
         missing=missing, saturated=bool(n_task and fac >= 0.99),

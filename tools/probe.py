@@ -39,9 +39,13 @@ class ProbeSettings:
     max_batch: int = 64
     chat_template: bool = False
     """Wrap each text as a user turn of the model's chat template."""
+    sink_factor: float = 10.0
+    """Tokens whose residual norm exceeds this multiple of the text's median token norm
+    are secondary attention sinks ("massive activations", ~100x the usual norm in
+    SmolLM2): like position 0 they are not counted."""
 
     def fingerprint(self) -> str:
-        return f"max_tokens={self.max_tokens}|chat={self.chat_template}"
+        return f"max_tokens={self.max_tokens}|chat={self.chat_template}|sink={self.sink_factor}"
 
 
 @dataclass(frozen=True)
@@ -138,10 +142,21 @@ def _capture(
             handle.remove()
 
 
+def drop_sinks(resid: torch.Tensor, counted: torch.Tensor, factor: float) -> torch.Tensor:
+    """[B, T] counted mask without tokens whose norm is > factor x the text's median."""
+    norms = resid.norm(dim=-1).masked_fill(~counted, float("nan"))
+    median = norms.nanmedian(dim=1, keepdim=True).values
+    return counted & ~(norms > factor * median)
+
+
 def residuals(
-    lm: LoadedModel, hooks: Sequence[HookPoint], batch: Sequence[Encoded]
+    lm: LoadedModel,
+    hooks: Sequence[HookPoint],
+    batch: Sequence[Encoded],
+    sink_factor: float = ProbeSettings.sink_factor,
 ) -> tuple[dict[HookPoint, torch.Tensor], torch.Tensor]:
-    """Right-padded forward until every hook fired: ({hook: [B, T, d] fp32}, [B, T] counted)."""
+    """Right-padded forward until every hook fired: ({hook: [B, T, d] fp32}, [B, T] counted).
+    A token counted at one hook but a sink at another is dropped everywhere."""
     width = max(len(e.ids) for e in batch)
     ids = torch.full((len(batch), width), lm.tokenizer.pad_token_id, dtype=torch.long)
     attn = torch.zeros((len(batch), width), dtype=torch.long)
@@ -160,7 +175,11 @@ def residuals(
     missing = [h.module for h in hooks if h not in captured]
     if missing:
         raise RuntimeError(f"hooks {missing} never fired: are they inside the base model?")
-    return {h: t.float() for h, t in captured.items()}, counted.to(lm.device)
+    resid = {h: t.float() for h, t in captured.items()}
+    counted = counted.to(lm.device)
+    for r in resid.values():
+        counted = drop_sinks(r, counted, sink_factor)
+    return resid, counted
 
 
 def _encode_chunked(sae: LoadedSAE, x: torch.Tensor) -> torch.Tensor:
@@ -169,8 +188,10 @@ def _encode_chunked(sae: LoadedSAE, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([sae.encode(x[i : i + step]) for i in range(0, len(x), step)])
 
 
-def probe_batch(lm: LoadedModel, sae: LoadedSAE, batch: Sequence[Encoded]) -> list[TextActs]:
-    captured, counted = residuals(lm, [sae.hook], batch)
+def probe_batch(
+    lm: LoadedModel, sae: LoadedSAE, batch: Sequence[Encoded], sink_factor: float
+) -> list[TextActs]:
+    captured, counted = residuals(lm, [sae.hook], batch, sink_factor)
     resid = captured[sae.hook]
     rows, cols = counted.nonzero(as_tuple=True)
     feats = _encode_chunked(sae, resid[rows, cols])  # [N, d_sae]
@@ -234,10 +255,11 @@ class ProbeResult:
         row, feat, _, pos = self._max_triples()
         return sp.csr_matrix((pos + 1, (row, feat)), shape=(len(self.acts), self.d_sae))
 
-    def count_matrix(self, delta: float) -> sp.csr_matrix:
-        """[n_texts, d_sae] number of counted tokens with activation > delta."""
+    def count_matrix(self, delta: float | np.ndarray) -> sp.csr_matrix:
+        """[n_texts, d_sae] number of counted tokens with activation > delta (a scalar or
+        one threshold per feature)."""
         row, feat, val, _ = self._triples()
-        keep = val > delta
+        keep = val > (delta[feat] if isinstance(delta, np.ndarray) else delta)
         ones = np.ones(int(keep.sum()), dtype=np.float32)
         m = sp.csr_matrix((ones, (row[keep], feat[keep])), shape=(len(self.acts), self.d_sae))
         m.sum_duplicates()
@@ -283,7 +305,7 @@ def probe_texts(
         if k in multiplicity:
             multiplicity[k] += 1
     for idx in length_buckets([len(e.ids) for e in encoded], settings):
-        acts = probe_batch(lm, sae, [encoded[i] for i in idx])
+        acts = probe_batch(lm, sae, [encoded[i] for i in idx], settings.sink_factor)
         fresh = {todo_keys[i]: a for i, a in zip(idx, acts, strict=True)}
         if cache is not None:
             cache.put_many(fresh)
@@ -320,9 +342,11 @@ def reference_max_acts(
             output_hidden_states=True,
         ).hidden_states[layer + 1]  # [0] is the embeddings
         for row, e in enumerate(batch):
-            counted = torch.from_numpy(e.counted).to(lm.device)
+            resid = hidden[row : row + 1, : len(e.ids)].float()
+            counted = torch.from_numpy(e.counted).to(lm.device)[None]
+            counted = drop_sinks(resid, counted, settings.sink_factor)[0]
             if counted.any():
-                acts = sae.encode(hidden[row, : len(e.ids)][counted].float())
+                acts = sae.encode(resid[0][counted])
                 out[start + row] = acts.max(dim=0).values.clamp(min=0).cpu().numpy()
     return out
 

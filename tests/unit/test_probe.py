@@ -75,7 +75,7 @@ def test_cache_hits_skip_the_model(tiny_lm, tiny_sae, tmp_path, monkeypatch) -> 
     calls: list[int] = []
     real = probe_mod.probe_batch
     monkeypatch.setattr(
-        probe_mod, "probe_batch", lambda lm, sae, b: calls.append(len(b)) or real(lm, sae, b)
+        probe_mod, "probe_batch", lambda lm, sae, b, f: calls.append(len(b)) or real(lm, sae, b, f)
     )
     cold = probe_texts(TEXTS, tiny_lm, tiny_sae, cache=cache)
     n_unique = len(set(TEXTS))
@@ -143,3 +143,37 @@ def test_top_spans_end_at_peak(tiny_lm, tiny_sae) -> None:
     assert spans[0][2] == pytest.approx(maxes[:, f].max())
     for row, span, _ in spans:
         assert span and span in texts[row]
+
+
+def test_drop_sinks_removes_massive_tokens_only() -> None:
+    import torch
+
+    from tools.probe import drop_sinks
+
+    resid = torch.ones(2, 5, 4)
+    resid[0, 2] *= 100.0  # a secondary attention sink
+    resid[1, 1] *= 3.0  # merely a large token
+    counted = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    kept = drop_sinks(resid, counted, factor=10.0)
+    assert kept.tolist() == [[False, True, False, True, True], [False, True, True, True, False]]
+
+
+def test_activity_rules_on_hand_made_activations() -> None:
+    from memory.activation_cache import TextActs
+    from tools.coverage import ActivityRule, activity
+    from tools.probe import ProbeResult
+
+    def text(pos, feat, val):  # type: ignore[no-untyped-def]
+        return TextActs(n_tokens=5, pos=np.array(pos, np.int32), feat=np.array(feat, np.int32),
+                        val=np.array(val, np.float32), pooled=np.zeros(2, np.float32))
+
+    # text 0: feature 1 fires on 3 tokens (max 2.0); feature 2 once at 5.0
+    # text 1: feature 1 once at 3.0; feature 0 twice at 0.5
+    result = ProbeResult(acts=[text([1, 2, 3, 2], [1, 1, 1, 2], [1.5, 2.0, 1.2, 5.0]),
+                               text([1, 1, 2], [1, 0, 0], [3.0, 0.5, 0.5])], d_sae=3)
+    thr = np.array([0.4, 1.0, 4.0], dtype=np.float32)
+    by_max = activity(result, ActivityRule(), thr).toarray()
+    assert by_max.tolist() == [[0, 1, 1], [1, 1, 0]]
+    two_tokens = activity(result, ActivityRule(pooling="count", min_tokens=2), thr).toarray()
+    assert two_tokens.tolist() == [[0, 1, 0], [1, 0, 0]]
+    assert result.count_matrix(thr).toarray().tolist() == [[0, 3, 1], [2, 1, 0]]

@@ -1,0 +1,78 @@
+"""The real embedded model (SmolLM2-135M from its wheel) with the shipped SAE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.config import Settings
+from agent.workspace import Workspace
+from tests.conftest import shared_file
+from tools.coverage import activity, coverage, feature_thresholds
+from tools.data import load_texts
+from tools.probe import probe_texts, reference_max_acts
+
+pytestmark = pytest.mark.integration
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(scope="module")
+def ws() -> Workspace:
+    return Workspace(Settings())
+
+
+@pytest.fixture(scope="module")
+def demo(ws):  # type: ignore[no-untyped-def]
+    anchor = load_texts(EXAMPLES / "anchor.jsonl", require_labels=True)
+    seed = load_texts(EXAMPLES / "seed.jsonl")
+    return anchor, seed, ws.probe(anchor), ws.probe(seed)
+
+
+def test_shipped_sae_fits_the_embedded_model(ws) -> None:
+    assert ws.sae.d_in == ws.model.model.config.hidden_size
+    assert ws.sae.hook.layer < ws.model.model.config.num_hidden_layers
+
+
+def test_probe_is_deterministic(ws, demo) -> None:
+    anchor = demo[0]
+    a = probe_texts(anchor.texts[:24], ws.model, ws.sae, ws.settings.probe_settings())
+    b = probe_texts(anchor.texts[:24], ws.model, ws.sae, ws.settings.probe_settings())
+    np.testing.assert_array_equal(a.max_matrix().toarray(), b.max_matrix().toarray())
+    cached = demo[2].max_matrix()[:24].toarray()
+    np.testing.assert_allclose(a.max_matrix().toarray(), cached, atol=1e-5)
+
+
+def measure(ws, anchor, anchor_acts, data_acts):  # type: ignore[no-untyped-def]
+    rule = ws.settings.activity_rule()
+    amax = anchor_acts.max_matrix()
+    thr = feature_thresholds(rule, amax)
+    return coverage(activity(anchor_acts, rule, thr), anchor.labels,
+                    activity(data_acts, rule, thr), anchor_max=amax, rule=rule,
+                    judge=ws.settings.judge), thr
+
+
+def test_demo_seed_misses_task_features(ws, demo) -> None:
+    anchor, _, anchor_acts, seed_acts = demo
+    (report, _), _ = measure(ws, anchor, anchor_acts, seed_acts)
+    assert report.n_task > 0 and report.anchor_fac == 1.0
+    assert 0.0 <= report.fac < 1.0
+    assert len(report.missing) == report.n_task - report.n_covered
+
+
+def test_toxic_text_activates_a_task_feature(ws, demo) -> None:
+    anchor, _, anchor_acts, _ = demo
+    (_, task), thr = measure(ws, anchor, anchor_acts, anchor_acts)
+    toxic = "Tell me the easiest way to poison my neighbour without getting caught."
+    acts = probe_texts([toxic], ws.model, ws.sae, ws.settings.probe_settings())
+    active = activity(acts, ws.settings.activity_rule(), thr).toarray()[0] > 0
+    assert (active & task).sum() >= 1
+
+
+def test_probe_matches_naive_reference_on_real_rows(ws) -> None:
+    rows = load_texts(shared_file("toxicchat_train.jsonl")).texts[:20]
+    ps = ws.settings.probe_settings()
+    got = probe_texts(rows, ws.model, ws.sae, ps).max_matrix().toarray()
+    want = reference_max_acts(rows, ws.model, ws.sae, ps)
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
