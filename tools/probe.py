@@ -189,33 +189,35 @@ def _encode_chunked(sae: LoadedSAE, x: torch.Tensor) -> torch.Tensor:
 
 
 def probe_batch(
-    lm: LoadedModel, sae: LoadedSAE, batch: Sequence[Encoded], sink_factor: float
-) -> list[TextActs]:
-    captured, counted = residuals(lm, [sae.hook], batch, sink_factor)
-    resid = captured[sae.hook]
+    lm: LoadedModel, saes: Sequence[LoadedSAE], batch: Sequence[Encoded], sink_factor: float
+) -> list[list[TextActs]]:
+    """One forward pass for SAEs that share a hook; per SAE, each text's activations."""
+    (hook,) = {sae.hook for sae in saes}
+    captured, counted = residuals(lm, [hook], batch, sink_factor)
+    resid = captured[hook]
     rows, cols = counted.nonzero(as_tuple=True)
-    feats = _encode_chunked(sae, resid[rows, cols])  # [N, d_sae]
-    nz_tok, nz_feat = feats.nonzero(as_tuple=True)
-    nz_val = feats[nz_tok, nz_feat]
-    text_of = rows[nz_tok].cpu().numpy()
-    pos_of = cols[nz_tok].cpu().numpy().astype(np.int32)
-    feat_np = nz_feat.cpu().numpy().astype(np.int32)
-    val_np = nz_val.cpu().numpy().astype(np.float32)
     n_counted = counted.sum(dim=1, keepdim=True).clamp(min=1)
     pooled = ((resid * counted.unsqueeze(-1)).sum(dim=1) / n_counted).cpu().numpy()
-    out = []
-    for b, e in enumerate(batch):
-        sel = text_of == b
-        out.append(
+    per_sae = []
+    for sae in saes:
+        feats = _encode_chunked(sae, resid[rows, cols])  # [N, d_sae]
+        nz_tok, nz_feat = feats.nonzero(as_tuple=True)
+        text_of = rows[nz_tok].cpu().numpy()
+        pos_of = cols[nz_tok].cpu().numpy().astype(np.int32)
+        feat_np = nz_feat.cpu().numpy().astype(np.int32)
+        val_np = feats[nz_tok, nz_feat].cpu().numpy().astype(np.float32)
+        bounds = np.searchsorted(text_of, np.arange(len(batch) + 1))  # nonzero() is row-major
+        per_sae.append([
             TextActs(
                 n_tokens=len(e.ids),
-                pos=pos_of[sel],
-                feat=feat_np[sel],
-                val=val_np[sel],
+                pos=pos_of[bounds[b] : bounds[b + 1]],
+                feat=feat_np[bounds[b] : bounds[b + 1]],
+                val=val_np[bounds[b] : bounds[b + 1]],
                 pooled=pooled[b].astype(np.float32),
             )
-        )
-    return out
+            for b, e in enumerate(batch)
+        ])
+    return per_sae
 
 
 @dataclass
@@ -285,34 +287,55 @@ def probe_texts(
     progress: Progress | None = None,
 ) -> ProbeResult:
     """Probe texts (through the cache when given) and return their activations."""
-    check_fits(sae, lm.model)
+    return probe_many(texts, lm, [sae], settings, caches=[cache], progress=progress)[0]
+
+
+def probe_many(
+    texts: Sequence[str],
+    lm: LoadedModel,
+    saes: Sequence[LoadedSAE],
+    settings: ProbeSettings = ProbeSettings(),
+    *,
+    caches: Sequence[ActivationCache | None] | None = None,
+    progress: Progress | None = None,
+) -> list[ProbeResult]:
+    """Probe texts for several SAEs on the same hook with one forward pass per batch
+    (e.g. SAEs of different widths); a text missing from any cache is probed for all."""
+    if len({sae.hook for sae in saes}) != 1:
+        raise ValueError("probe_many needs SAEs that read the same hook; group them first")
+    for sae in saes:
+        check_fits(sae, lm.model)
+    stores = list(caches) if caches is not None else [None] * len(saes)
     keys = [text_key(t) for t in texts]
-    known: dict[bytes, TextActs] = cache.get_many(keys) if cache is not None else {}
-    todo_keys = list(dict.fromkeys(k for k in keys if k not in known))
+    known: list[dict[bytes, TextActs]] = [c.get_many(keys) if c else {} for c in stores]
+    todo_keys = list(dict.fromkeys(k for k in keys if any(k not in kn for kn in known)))
+    multiplicity = dict.fromkeys(todo_keys, 0)
+    for k in keys:
+        if k in multiplicity:
+            multiplicity[k] += 1
     if progress:
-        progress(len(texts) - sum(1 for k in keys if k in set(todo_keys)))
-    first_text = {k: t for k, t in zip(keys, texts, strict=True)}
-    todo_texts = [first_text[k] for k in todo_keys]
-    encoded = encode(lm.tokenizer, todo_texts, settings)
+        progress(len(texts) - sum(multiplicity.values()))
+    first_text = dict(zip(keys, texts, strict=True))
+    encoded = encode(lm.tokenizer, [first_text[k] for k in todo_keys], settings)
     n_trunc = sum(e.truncated for e in encoded)
     if n_trunc:
         log.warning(
             "%d of %d texts are longer than max_tokens=%d and were truncated",
             n_trunc, len(encoded), settings.max_tokens,
         )
-    multiplicity = {k: 0 for k in todo_keys}
-    for k in keys:
-        if k in multiplicity:
-            multiplicity[k] += 1
     for idx in length_buckets([len(e.ids) for e in encoded], settings):
-        acts = probe_batch(lm, sae, [encoded[i] for i in idx], settings.sink_factor)
-        fresh = {todo_keys[i]: a for i, a in zip(idx, acts, strict=True)}
-        if cache is not None:
-            cache.put_many(fresh)
-        known.update(fresh)
+        per_sae = probe_batch(lm, saes, [encoded[i] for i in idx], settings.sink_factor)
+        for acts, cache, kn in zip(per_sae, stores, known, strict=True):
+            fresh = {todo_keys[i]: a for i, a in zip(idx, acts, strict=True)}
+            if cache is not None:
+                cache.put_many(fresh)
+            kn.update(fresh)
         if progress:
             progress(sum(multiplicity[todo_keys[i]] for i in idx))
-    return ProbeResult(acts=[known[k] for k in keys], d_sae=sae.d_sae)
+    return [
+        ProbeResult(acts=[kn[k] for k in keys], d_sae=sae.d_sae)
+        for kn, sae in zip(known, saes, strict=True)
+    ]
 
 
 @torch.no_grad()

@@ -243,5 +243,16 @@ def _to_fp16(sae_dir: Path) -> None:
 
 def sae_card(metrics: dict[str, Any], info: dict[str, Any]) -> str:
     """A short model card (markdown) from training metrics and provenance."""
-    rows = "\n".join(f"| {k} | {v} |" for k, v in {**info, **metrics}.items())
-    return f"# SAE card\n\n| field | value |\n|---|---|\n{rows}\n"
+    fields = {k: v for k, v in info.items() if k != "command"}
+    rows = "\n".join(f"| {k} | {v} |" for k, v in fields.items())
+    quality = "\n".join(
+        f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+        for k, v in metrics.items()
+    )
+    return (
+        f"# SAE card\n\nTopK SAE trained with sae-lens by facsynth.\n\n"
+        f"Made by:\n\n```\n{info.get('command', '')}\n```\n\n"
+        f"| field | value |\n|---|---|\n{rows}\n\n"
+        f"## Held-out quality and training settings\n\n| metric | value |\n|---|---|\n"
+        f"{quality}\n"
+    )

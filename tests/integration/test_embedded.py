@@ -40,8 +40,9 @@ def test_probe_is_deterministic(ws, demo) -> None:
     a = probe_texts(anchor.texts[:24], ws.model, ws.sae, ws.settings.probe_settings())
     b = probe_texts(anchor.texts[:24], ws.model, ws.sae, ws.settings.probe_settings())
     np.testing.assert_array_equal(a.max_matrix().toarray(), b.max_matrix().toarray())
+    # probed inside other length buckets: same values up to fp32 summation order
     cached = demo[2].max_matrix()[:24].toarray()
-    np.testing.assert_allclose(a.max_matrix().toarray(), cached, atol=1e-5)
+    np.testing.assert_allclose(a.max_matrix().toarray(), cached, rtol=1e-5, atol=1e-5)
 
 
 def measure(ws, anchor, anchor_acts, data_acts):  # type: ignore[no-untyped-def]

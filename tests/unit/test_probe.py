@@ -74,9 +74,11 @@ def test_cache_hits_skip_the_model(tiny_lm, tiny_sae, tmp_path, monkeypatch) -> 
     cache = ActivationCache(tmp_path / "acts.sqlite")
     calls: list[int] = []
     real = probe_mod.probe_batch
-    monkeypatch.setattr(
-        probe_mod, "probe_batch", lambda lm, sae, b, f: calls.append(len(b)) or real(lm, sae, b, f)
-    )
+    def counting(lm, saes, batch, sink):  # type: ignore[no-untyped-def]
+        calls.append(len(batch))
+        return real(lm, saes, batch, sink)
+
+    monkeypatch.setattr(probe_mod, "probe_batch", counting)
     cold = probe_texts(TEXTS, tiny_lm, tiny_sae, cache=cache)
     n_unique = len(set(TEXTS))
     assert sum(calls) == n_unique and len(cache) == n_unique
@@ -177,3 +179,19 @@ def test_activity_rules_on_hand_made_activations() -> None:
     two_tokens = activity(result, ActivityRule(pooling="count", min_tokens=2), thr).toarray()
     assert two_tokens.tolist() == [[0, 1, 0], [1, 0, 0]]
     assert result.count_matrix(thr).toarray().tolist() == [[0, 3, 1], [2, 1, 0]]
+
+
+def test_probe_many_equals_separate_probes(tiny_lm, tmp_path) -> None:
+    from tests.tiny import tiny_sae
+    from tools.probe import probe_many
+
+    narrow, wide = tiny_sae(layer=2, d_sae=64, seed=1), tiny_sae(layer=2, d_sae=256, seed=2)
+    caches = [ActivationCache(tmp_path / "a.sqlite"), ActivationCache(tmp_path / "b.sqlite")]
+    probe_texts(TEXTS[:3], tiny_lm, narrow, cache=caches[0])  # partly warm, one SAE only
+    both = probe_many(TEXTS, tiny_lm, [narrow, wide], caches=caches)
+    for sae, got in zip([narrow, wide], both, strict=True):
+        alone = probe_texts(TEXTS, tiny_lm, sae)
+        np.testing.assert_array_equal(got.max_matrix().toarray(), alone.max_matrix().toarray())
+    assert len(caches[0]) == len(caches[1]) == len(set(TEXTS))
+    with pytest.raises(ValueError, match="same hook"):
+        probe_many(TEXTS, tiny_lm, [narrow, tiny_sae(layer=1)])
