@@ -130,7 +130,7 @@ def main() -> None:
     print(f"{len(subsets)} subsets; AUPRC {auprc_arr.min():.3f}..{auprc_arr.max():.3f} "
           f"(mean {auprc_arr.mean():.3f})", flush=True)
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, res in results.items():
         amax = res.max_matrix()
         for (rname, rule), judge in itertools.product(rules(amax[pool]), JUDGES):
@@ -141,13 +141,13 @@ def main() -> None:
                 continue
             fac = fac_per_subset(act, task, subsets)
             rho = float(spearmanr(fac, auprc_arr).statistic) if fac.std() > 0 else float("nan")
-            r = float(pearsonr(fac, auprc_arr).statistic) if fac.std() > 0 else float("nan")
+            pear = float(pearsonr(fac, auprc_arr).statistic) if fac.std() > 0 else float("nan")
             rows.append({
                 "sae": name, "d_sae": res.d_sae, "layer": saes[name].hook.layer,
                 "rule": rname, "rule_detail": rule.model_dump(),
                 "min_support": judge.min_support, "min_log_odds": judge.min_log_odds,
                 "n_task": int(task.sum()), "fac_min": float(fac.min()),
-                "fac_max": float(fac.max()), "spearman": rho, "pearson": r,
+                "fac_max": float(fac.max()), "spearman": rho, "pearson": pear,
                 "fac": fac.round(4).tolist(),
             })
     rows.sort(key=lambda r: -np.nan_to_num(r["spearman"], nan=-9))

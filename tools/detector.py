@@ -28,7 +28,7 @@ class Metrics(BaseModel):
 
 
 def train_probe_detector(
-    x: np.ndarray, y: Sequence[int], *, c: float = 0.1, seed: int = 0
+    x: np.ndarray, y: Sequence[int] | np.ndarray, *, c: float = 0.1, seed: int = 0
 ) -> Pipeline:
     """Fit standardise + balanced logistic regression on [n, d] features."""
     labels = np.asarray(y)
@@ -42,7 +42,7 @@ def train_probe_detector(
     return model
 
 
-def evaluate(scores: np.ndarray, y: Sequence[int]) -> Metrics:
+def evaluate(scores: np.ndarray, y: Sequence[int] | np.ndarray) -> Metrics:
     """AUPRC (average precision), AUROC and best F1 of scores against 0/1 labels."""
     labels = np.asarray(y)
     precision, recall, _ = precision_recall_curve(labels, scores)
