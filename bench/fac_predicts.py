@@ -131,11 +131,14 @@ def main() -> None:
           f"(mean {auprc_arr.mean():.3f})", flush=True)
 
     rows: list[dict[str, Any]] = []
+    activities: dict[tuple[str, str], sp.csr_matrix] = {}
     for name, res in results.items():
         amax = res.max_matrix()
         for (rname, rule), judge in itertools.product(rules(amax[pool]), JUDGES):
-            thr = feature_thresholds(rule, amax[pool])
-            act = activity(res, rule, thr)
+            key = (name, rname)
+            if key not in activities:  # one activity matrix per rule, shared by the judges
+                activities[key] = activity(res, rule, feature_thresholds(rule, amax[pool]))
+            act = activities[key]
             task = label_judge(judge)(act[pool], list(y[pool]))
             if task.sum() < 5:
                 continue

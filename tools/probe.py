@@ -99,7 +99,11 @@ def length_buckets(lengths: Sequence[int], settings: ProbeSettings) -> Iterator[
     for i in order:
         width = lengths[i]  # sorted ascending: the newest is the longest
         if batch and (
-            width * (len(batch) + 1) > settings.batch_tokens or len(batch) >= settings.max_batch
+            width * (len(batch) + 1) > settings.batch_tokens
+            or len(batch) >= settings.max_batch
+            # few texts of mixed lengths (a re-probe of edited rows) would otherwise share
+            # one batch padded to the longest: cap padding at ~25% (+8 tokens)
+            or width > 1.25 * lengths[batch[0]] + 8
         ):
             yield batch
             batch = []

@@ -195,3 +195,9 @@ def test_probe_many_equals_separate_probes(tiny_lm, tmp_path) -> None:
     assert len(caches[0]) == len(caches[1]) == len(set(TEXTS))
     with pytest.raises(ValueError, match="same hook"):
         probe_many(TEXTS, tiny_lm, [narrow, tiny_sae(layer=1)])
+
+
+def test_buckets_bound_padding_of_mixed_lengths() -> None:
+    lengths = [10, 200, 12, 90, 11, 95]
+    batches = list(length_buckets(lengths, ProbeSettings(batch_tokens=100_000)))
+    assert [sorted(lengths[i] for i in b) for b in batches] == [[10, 11, 12], [90, 95], [200]]
