@@ -192,6 +192,32 @@ def greedy_coverage_subsets(
     return out
 
 
+def mixed_coverage_subsets(
+    pool: np.ndarray,
+    labels: Sequence[int],
+    active: sp.spmatrix,
+    task: np.ndarray,
+    n: int,
+    seed: int,
+    fractions: Sequence[float] = (0.25, 0.5, 0.75),
+) -> list[Subset]:
+    """A fraction f of each class picked by greedy min-coverage, the rest at random: fills
+    the coverage range between min-cov subsets and random draws."""
+    pos, neg = _classes(pool, labels)
+    n_pos = _quota(len(pos), len(neg), n)
+    rng = np.random.default_rng(seed)
+    out = []
+    for f in fractions:
+        k_pos, k_neg = round(f * n_pos), round(f * (n - n_pos))
+        covered = np.zeros(int(np.asarray(task).sum()), dtype=bool)
+        p = pos[_greedy(_task_matrix(active, task, pos), covered, k_pos, rng, False)]
+        q = neg[_greedy(_task_matrix(active, task, neg), covered, k_neg, rng, False)]
+        p = np.concatenate([p, _pick(rng, np.setdiff1d(pos, p), n_pos - k_pos)])
+        q = np.concatenate([q, _pick(rng, np.setdiff1d(neg, q), n - n_pos - k_neg)])
+        out.append(_subset("mixed-min-cov", f"mixed-min-cov-{f:g}", p, q))
+    return out
+
+
 def swap_subsets(
     pool: np.ndarray,
     labels: Sequence[int],
@@ -241,12 +267,13 @@ def all_recipes(
     n: int,
     seed: int,
 ) -> list[Subset]:
-    """The default battery (34 subsets when every ablation cluster is usable)."""
+    """The default battery (37 subsets when every ablation cluster is usable)."""
     return [
         *random_subsets(pool, labels, n, 6, seed),
         *stratified_subsets(pool, labels, n, 6, seed + 1),
         *ablated_subsets(pool, labels, embeddings, n, 8, seed + 2),
         *greedy_coverage_subsets(pool, labels, active, task, n, seed + 3, True, 3),
         *greedy_coverage_subsets(pool, labels, active, task, n, seed + 4, False, 3),
+        *mixed_coverage_subsets(pool, labels, active, task, n, seed + 6),
         *swap_subsets(pool, labels, active, task, n, seed + 5),
     ]

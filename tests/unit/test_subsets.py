@@ -9,6 +9,7 @@ from tools.subsets import (
     ablated_subsets,
     all_recipes,
     greedy_coverage_subsets,
+    mixed_coverage_subsets,
     random_subsets,
     stratified_split,
     stratified_subsets,
@@ -180,3 +181,14 @@ def test_rejects_infeasible_pool() -> None:
         stratified_subsets(np.arange(21), labels, 10, 1, 0)
     with pytest.raises(ValueError):
         random_subsets(np.arange(21), np.array([1, 1] + [0] * 19), 30, 1, 0)
+
+
+def test_mixed_coverage_fills_the_middle(toy: dict) -> None:
+    args = (toy["pool"], toy["labels"], toy["active"], toy["task"], N)
+    mixed = mixed_coverage_subsets(*args, seed=0, fractions=(0.25, 0.75))
+    _check(mixed, toy)
+    low = greedy_coverage_subsets(*args, seed=0, maximize=False, k=1)[0]
+    cov = [_covered(toy["active"], toy["task"], s.rows) for s in mixed]
+    assert cov[0] > cov[1] > _covered(toy["active"], toy["task"], low.rows)
+    n_pos = round(toy["labels"][toy["pool"]].mean() * N)
+    assert all(toy["labels"][s.rows].sum() == n_pos for s in mixed)
