@@ -75,7 +75,7 @@ def _errors() -> Iterator[None]:
 def _progress(total: int, what: str) -> Iterator[Callable[[int], None]]:
     bar = Progress(
         TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=True, disable=not err.is_terminal and "CI" in os.environ,
+        console=err, transient=True, disable=not err.is_terminal,
     )
     with bar:
         task = bar.add_task(what, total=total)
