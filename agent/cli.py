@@ -91,8 +91,10 @@ def _write_json(path: Path, data: str) -> None:
 
 @app.command()
 def coverage(
-    anchor: Annotated[Path, typer.Option(help="data that represents the task (labelled)")],
-    data: Annotated[Path, typer.Option(help="the dataset to measure")],
+    anchor: Annotated[
+        Path, typer.Option(help="labelled rows representing the task: JSONL/CSV/Parquet or hub id")
+    ],
+    data: Annotated[Path, typer.Option(help="the dataset to measure: file or hub id")],
     text_field: TextField = "text",
     label_field: LabelField = "label",
     model: ModelOpt = None,
@@ -105,7 +107,9 @@ def coverage(
         float | None, typer.Option(help="threshold=quantile: per-feature anchor quantile")
     ] = None,
     pooling: Annotated[str | None, typer.Option(help="max (default) or count")] = None,
-    min_tokens: Annotated[int | None, typer.Option(help="pooling=count: tokens")] = None,
+    min_tokens: Annotated[
+        int | None, typer.Option(help="pooling=count: tokens above the threshold")
+    ] = None,
     min_support: Annotated[int | None, typer.Option(help="label judge: positive rows")] = None,
     min_log_odds: Annotated[float | None, typer.Option(help="label judge: log-odds")] = None,
     top: Annotated[int, typer.Option(help="missing features to show")] = 10,
