@@ -33,10 +33,11 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     delta: float = Field(1.0, ge=0, description="threshold=absolute: active when > delta")
-    threshold: Literal["absolute", "quantile"] = Field(
-        "absolute", description="one delta for all features, or a per-feature anchor quantile"
+    threshold: Literal["absolute", "anchor-quantile", "quantile"] = Field(
+        "absolute",
+        description="one delta; one delta at an anchor quantile; or a per-feature quantile",
     )
-    quantile: float = Field(0.5, ge=0, lt=1, description="threshold=quantile: the quantile")
+    quantile: float = Field(0.5, ge=0, lt=1, description="the quantile of the threshold")
     pooling: Literal["max", "count"] = Field("max", description="max over tokens, or count")
     min_tokens: int = Field(1, ge=1, description="pooling=count: tokens above threshold")
     max_tokens: int = Field(256, ge=2, description="longer texts are truncated")

@@ -46,11 +46,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "toxicity"
 def rules(anchor_max: sp.csr_matrix) -> list[tuple[str, ActivityRule]]:
     """Absolute deltas at global quantiles of the anchor's non-zero maxima (so one grid fits
     SAEs of any scale), per-feature quantiles, each with max and 2-token count pooling."""
-    nz = anchor_max.data
-    out = []
-    for q in (0.0, 0.5, 0.75, 0.9):
-        delta = float(np.quantile(nz, q)) if q > 0 else 0.0
-        out.append((f"abs@q{q:g}", ActivityRule(delta=delta)))
+    del anchor_max  # the rules below set their thresholds from it themselves
+    out = [("abs@q0", ActivityRule(delta=0.0))]
+    for q in (0.5, 0.75, 0.9):
+        out.append((f"abs@q{q:g}", ActivityRule(threshold="anchor-quantile", quantile=q)))
     for q in (0.25, 0.5, 0.75, 0.9):
         out.append((f"feat-q{q:g}", ActivityRule(threshold="quantile", quantile=q)))
     return out + [

@@ -4,9 +4,10 @@ F(D) = features active in some row of D. F_task = features active in the anchor 
 a relevance judge accepts. FAC(D) = |F_task & F(D)| / |F_task|.
 
 When a feature counts as active in a text is an `ActivityRule`: its max activation over
-the text's tokens (or the number of tokens) above a threshold that is either one absolute
-delta for all features or, per feature, a quantile of its non-zero anchor activations
-(features differ in scale, so one delta is strict for some and lax for others).
+the text's tokens (or the number of tokens) above a threshold: one absolute delta for all
+features; one delta set at a quantile of all the anchor's non-zero max activations
+(`anchor-quantile`: scale-free, so it carries over to other SAEs); or, per feature, a
+quantile of that feature's non-zero anchor activations (`quantile`).
 
 The `label` judge needs anchor labels: a feature is task-relevant when it is active on
 at least `min_support` positive anchor rows and the smoothed log-odds of its activation
@@ -28,18 +29,22 @@ from tools.probe import ProbeResult
 
 
 class ActivityRule(BaseModel):
-    threshold: Literal["absolute", "quantile"] = "absolute"
+    threshold: Literal["absolute", "anchor-quantile", "quantile"] = "absolute"
     delta: float = Field(1.0, ge=0, description="threshold=absolute: active when > delta")
     quantile: float = Field(
         0.5, ge=0, lt=1,
-        description="threshold=quantile: per feature, this quantile of its non-zero anchor "
-        "max activations",
+        description="threshold=anchor-quantile: this quantile of all non-zero anchor max "
+        "activations; threshold=quantile: the same per feature",
     )
     pooling: Literal["max", "count"] = "max"
     min_tokens: int = Field(1, ge=1, description="pooling=count: tokens above the threshold")
 
     def describe(self) -> str:
-        thr = f"delta {self.delta:g}" if self.threshold == "absolute" else f"q{self.quantile:g}"
+        thr = {
+            "absolute": f"delta {self.delta:g}",
+            "anchor-quantile": f"delta = anchor q{self.quantile:g}",
+            "quantile": f"per-feature anchor q{self.quantile:g}",
+        }[self.threshold]
         pool = "max" if self.pooling == "max" else f">= {self.min_tokens} tokens"
         return f"{thr}, {pool}"
 
@@ -49,6 +54,10 @@ def feature_thresholds(rule: ActivityRule, anchor_max: sp.csr_matrix) -> np.ndar
     d = anchor_max.shape[1]
     if rule.threshold == "absolute":
         return np.full(d, rule.delta, dtype=np.float32)
+    if rule.threshold == "anchor-quantile":
+        nz = anchor_max.data[anchor_max.data > 0]
+        delta = float(np.quantile(nz, rule.quantile)) if len(nz) and rule.quantile > 0 else 0.0
+        return np.full(d, delta, dtype=np.float32)
     csc = anchor_max.tocsc()
     out = np.full(d, np.inf, dtype=np.float32)
     for f in np.flatnonzero(np.diff(csc.indptr)):

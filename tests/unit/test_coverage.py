@@ -116,3 +116,12 @@ def test_quantile_thresholds_are_per_feature() -> None:
     assert (q0[:5] == 0).all()  # q=0: every non-zero activation counts
     absolute = feature_thresholds(ActivityRule(delta=2.0), ANCHOR)
     assert absolute.tolist() == [2.0] * 5
+
+
+def test_anchor_quantile_is_one_scale_free_delta() -> None:
+    thr = feature_thresholds(ActivityRule(threshold="anchor-quantile", quantile=0.5), ANCHOR)
+    nz = ANCHOR.data[ANCHOR.data > 0]
+    assert np.all(thr == pytest.approx(float(np.quantile(nz, 0.5))))
+    doubled = feature_thresholds(ActivityRule(threshold="anchor-quantile", quantile=0.5),
+                                 ANCHOR * 2)
+    assert np.allclose(doubled, 2 * thr)  # same rule, any activation scale
