@@ -33,7 +33,7 @@ err = Console(stderr=True)
 ModelOpt = Annotated[str | None, typer.Option(help="model profile, local folder or hub id")]
 SaeOpt = Annotated[str | None, typer.Option(help="SAE: sae-lens folder or release/sae_id")]
 DeltaOpt = Annotated[
-    float | None, typer.Option(help="threshold=absolute: active when activation > delta")
+    float | None, typer.Option(help="one absolute threshold (implies --threshold absolute)")
 ]
 TextField = Annotated[str, typer.Option(help="name of the text column")]
 LabelField = Annotated[str, typer.Option(help="name of the 0/1 label column")]
@@ -101,16 +101,21 @@ def coverage(
     sae: SaeOpt = None,
     delta: DeltaOpt = None,
     threshold: Annotated[
-        str | None, typer.Option(help="absolute (one --delta) or quantile (per feature)")
+        str | None,
+        typer.Option(help="anchor-quantile (default), absolute (--delta), quantile (per feature)"),
     ] = None,
     quantile: Annotated[
-        float | None, typer.Option(help="threshold=quantile: per-feature anchor quantile")
+        float | None, typer.Option(help="quantile for anchor-quantile / quantile (default 0.9)")
     ] = None,
-    pooling: Annotated[str | None, typer.Option(help="max (default) or count")] = None,
+    pooling: Annotated[
+        str | None, typer.Option(help="max (default) or count (tokens above threshold)")
+    ] = None,
     min_tokens: Annotated[
-        int | None, typer.Option(help="pooling=count: tokens above the threshold")
+        int | None, typer.Option(help="pooling=count: tokens above the threshold (default 2)")
     ] = None,
-    min_support: Annotated[int | None, typer.Option(help="label judge: positive rows")] = None,
+    min_support: Annotated[
+        int | None, typer.Option(help="label judge: positive rows (default: 2, or 3.6%)")
+    ] = None,
     min_log_odds: Annotated[float | None, typer.Option(help="label judge: log-odds")] = None,
     top: Annotated[int, typer.Option(help="missing features to show")] = 10,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
@@ -120,9 +125,13 @@ def coverage(
     from tools.data import load_texts
 
     with _errors():
+        if delta is not None and threshold is None:
+            threshold = "absolute"  # a delta given on the command line means one delta
         settings = _settings(model=model, sae=sae, delta=delta, threshold=threshold,
                              quantile=quantile, pooling=pooling, min_tokens=min_tokens)
-        judge = {"min_support": min_support, "min_log_odds": min_log_odds}
+        judge: dict[str, Any] = {"min_support": min_support, "min_log_odds": min_log_odds}
+        if min_support is not None:
+            judge["min_support_frac"] = 0.0  # an explicit support is taken as given
         settings.judge = settings.judge.model_copy(
             update={k: v for k, v in judge.items() if v is not None}
         )
@@ -141,7 +150,7 @@ def coverage(
 def _print_coverage(report: Any, top: int) -> None:
     out.print(
         f"[bold]FAC = {report.fac:.3f}[/]  ({report.n_covered} of {report.n_task} task features "
-        f"covered; active = {report.rule.describe()}, judge = {report.judge})"
+        f"covered; active = {report.rule.describe(report.delta_used)}; judge = {report.judge})"
     )
     out.print(
         f"anchor: {report.n_anchor} rows, {report.n_active_anchor} active features, "

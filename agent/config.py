@@ -33,13 +33,15 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     delta: float = Field(1.0, ge=0, description="threshold=absolute: active when > delta")
+    # Calibrated defaults (bench/fac_predicts.py, README "Why these defaults"): a feature is
+    # active in a text when its max activation exceeds the anchor's 90th-percentile max.
     threshold: Literal["absolute", "anchor-quantile", "quantile"] = Field(
-        "absolute",
+        "anchor-quantile",
         description="one delta; one delta at an anchor quantile; or a per-feature quantile",
     )
-    quantile: float = Field(0.5, ge=0, lt=1, description="the quantile of the threshold")
+    quantile: float = Field(0.9, ge=0, lt=1, description="the quantile of the threshold")
     pooling: Literal["max", "count"] = Field("max", description="max over tokens, or count")
-    min_tokens: int = Field(1, ge=1, description="pooling=count: tokens above threshold")
+    min_tokens: int = Field(2, ge=1, description="pooling=count: tokens above threshold")
     max_tokens: int = Field(256, ge=2, description="longer texts are truncated")
     batch_tokens: int = Field(4096, ge=16, description="padded tokens per forward batch")
     chat_template: bool = Field(False, description="wrap texts as a user turn")

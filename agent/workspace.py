@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from functools import cached_property
 
+import numpy as np
+
 from agent.config import Settings
 from memory.activation_cache import ActivationCache
 from tools.coverage import (
@@ -68,6 +70,8 @@ class Workspace:
             activity(data_acts, rule, thresholds), anchor_max=anchor_max, rule=rule,
             judge=s.judge,
         )
+        if thresholds.size and np.all(thresholds == thresholds[0]):
+            report.delta_used = float(thresholds[0])
         spans = top_spans(
             anchor_acts, anchor.texts, self.model.tokenizer, s.probe_settings(),
             [m.feature for m in report.missing], s.top_spans, s.span_window,

@@ -59,7 +59,8 @@ def rules(anchor_max: sp.csr_matrix) -> list[tuple[str, ActivityRule]]:
 
 
 JUDGES = [
-    JudgeSettings(min_support=s, min_log_odds=lo) for s, lo in ((3, 1.0), (5, 1.5), (10, 2.0))
+    JudgeSettings(min_support=s, min_support_frac=0, min_log_odds=lo)
+    for s, lo in ((3, 1.0), (5, 1.5), (10, 2.0))
 ]
 
 

@@ -10,7 +10,8 @@ features; one delta set at a quantile of all the anchor's non-zero max activatio
 quantile of that feature's non-zero anchor activations (`quantile`).
 
 The `label` judge needs anchor labels: a feature is task-relevant when it is active on
-at least `min_support` positive anchor rows and the smoothed log-odds of its activation
+at least `min_support` (or `min_support_frac` of the) positive anchor rows and the
+smoothed log-odds of its activation
 rate on positives vs negatives is at least `min_log_odds`. The `llm` judge (an LLM reads
 each feature's explanation) plugs in through `RelevanceJudge` with the interpreter.
 """
@@ -39,14 +40,16 @@ class ActivityRule(BaseModel):
     pooling: Literal["max", "count"] = "max"
     min_tokens: int = Field(1, ge=1, description="pooling=count: tokens above the threshold")
 
-    def describe(self) -> str:
+    def describe(self, delta_used: float | None = None) -> str:
+        """e.g. "max > anchor q0.9 (15.54)" or ">= 2 tokens > 1"."""
+        pool = "max" if self.pooling == "max" else f">= {self.min_tokens} tokens"
+        value = f" ({delta_used:.2f})" if delta_used is not None else ""
         thr = {
-            "absolute": f"delta {self.delta:g}",
-            "anchor-quantile": f"delta = anchor q{self.quantile:g}",
+            "absolute": f"{self.delta:g}",
+            "anchor-quantile": f"anchor q{self.quantile:g}{value}",
             "quantile": f"per-feature anchor q{self.quantile:g}",
         }[self.threshold]
-        pool = "max" if self.pooling == "max" else f">= {self.min_tokens} tokens"
-        return f"{thr}, {pool}"
+        return f"{pool} > {thr}"
 
 
 def feature_thresholds(rule: ActivityRule, anchor_max: sp.csr_matrix) -> np.ndarray:
@@ -82,10 +85,20 @@ def activity(result: ProbeResult, rule: ActivityRule, thresholds: np.ndarray) ->
 
 
 class JudgeSettings(BaseModel):
+    """Label judge settings. Defaults are the calibrated ones (bench/fac_predicts.py on
+    ToxicChat: support 10 of 281 positives, log-odds 2); support scales with the anchor's
+    positives so the same rule works on a 90-positive demo anchor and a large one."""
+
     judge: Literal["label", "auto"] = "label"
-    min_support: int = Field(3, ge=1, description="positive anchor rows a feature must fire on")
-    min_log_odds: float = Field(1.0, description="smoothed log-odds, positives vs negatives")
+    min_support: int = Field(2, ge=1, description="positive anchor rows a feature must fire on")
+    min_support_frac: float = Field(
+        0.036, ge=0, le=1, description="...or this fraction of positive rows, if more"
+    )
+    min_log_odds: float = Field(2.0, description="smoothed log-odds, positives vs negatives")
     smoothing: float = Field(0.5, gt=0, description="pseudo-count added to each rate")
+
+    def support_for(self, n_positive: int) -> int:
+        return max(self.min_support, round(self.min_support_frac * n_positive))
 
 
 class FeatureStats(BaseModel):
@@ -108,6 +121,7 @@ class MissingFeature(FeatureStats):
 
 class CoverageReport(BaseModel):
     rule: ActivityRule
+    delta_used: float | None = Field(None, description="the one threshold, when uniform")
     judge: str
     n_anchor: int
     n_data: int
@@ -158,7 +172,8 @@ def label_judge(settings: JudgeSettings) -> RelevanceJudge:
         if (y == 1).sum() == 0 or (y == 0).sum() == 0:
             raise DataError("the anchor set needs both positive (1) and negative (0) rows")
         pos, _, log_odds = feature_stats(anchor_active, labels, settings.smoothing)
-        return np.asarray((pos >= settings.min_support) & (log_odds >= settings.min_log_odds))
+        support = settings.support_for(int((y == 1).sum()))
+        return np.asarray((pos >= support) & (log_odds >= settings.min_log_odds))
 
     return judge
 
