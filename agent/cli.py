@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from agent.config import Settings
+from tools.data import write_text_atomic
 from tools.errors import ConfigError, FacsynthError
 
 app = typer.Typer(
@@ -82,13 +83,6 @@ def _progress(total: int, what: str) -> Iterator[Callable[[int], None]]:
         yield lambda n: bar.advance(task, n)
 
 
-def _write_json(path: Path, data: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(data)
-    os.replace(tmp, path)
-
-
 @app.command()
 def coverage(
     anchor: Annotated[
@@ -143,7 +137,7 @@ def coverage(
             report = ws.coverage(a, d, advance)
     _print_coverage(report, top)
     if json_out:
-        _write_json(json_out, report.model_dump_json(indent=2))
+        write_text_atomic(json_out, report.model_dump_json(indent=2))
         err.print(f"report written to {json_out}")
 
 
@@ -214,7 +208,7 @@ def probe(
             keep = row.data > settings.delta
             rows.append({"row": i, "features": row.indices[keep].tolist(),
                          "max": [round(float(v), 4) for v in row.data[keep]]})
-        _write_json(json_out, json.dumps({"delta": settings.delta, "rows": rows}))
+        write_text_atomic(json_out, json.dumps({"delta": settings.delta, "rows": rows}))
         err.print(f"written to {json_out}")
 
 
@@ -277,7 +271,7 @@ def train_sae(
         ]),
     }
     card = {"info": info, "metrics": metrics}
-    _write_json(out_dir / "sae" / "card.json", json.dumps(card, indent=2))
-    (out_dir / "sae" / "README.md").write_text(sae_card(metrics, info))
+    write_text_atomic(out_dir / "sae" / "card.json", json.dumps(card, indent=2))
+    write_text_atomic(out_dir / "sae" / "README.md", sae_card(metrics, info))
     out.print(f"SAE saved to {out_dir / 'sae'}: explained variance "
               f"{metrics['explained_variance']:.3f}, dead {metrics['dead_fraction']:.3f}")

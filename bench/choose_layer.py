@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch  # noqa: F401
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import train_test_split

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from tools.models import LoadedModel
@@ -13,7 +11,7 @@ D_MODEL = 32
 N_LAYERS = 4
 
 
-def tiny_tokenizer(embedded_dir: Path | None = None):  # type: ignore[no-untyped-def]
+def tiny_tokenizer():  # type: ignore[no-untyped-def]
     """A real fast BPE tokenizer trained in memory on a few words (no downloads)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,3 +265,11 @@ def _validate(
             f" give every row a '{label_field}' of 0 or 1"
         )
     return TextDataset(texts, labels if first_labelled else None, name)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tools.data import write_text_atomic
 from tools.errors import ConfigError
 from tools.models import LoadedModel
 from tools.probe import ProbeSettings, encode, length_buckets, residuals
@@ -50,12 +50,6 @@ class TrainSettings:
     chunk_texts: int = 256
     """texts per resumable collection step"""
     probe: ProbeSettings = ProbeSettings(max_tokens=128)
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _store_path(out_dir: Path, hook: HookPoint) -> Path:
@@ -103,7 +97,7 @@ def collect(
         for store in stores.values():
             store.flush()
         state["texts"] += len(sel)
-        _write_json_atomic(state_path, state)
+        write_text_atomic(state_path, json.dumps(state))
         if progress:
             progress("collect", state["vectors"], settings.n_vectors)
     return int(state["vectors"])
@@ -238,7 +232,7 @@ def _to_fp16(sae_dir: Path) -> None:
     cfg_path = sae_dir / "cfg.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["dtype"] = "float16"
-    _write_json_atomic(cfg_path, cfg)
+    write_text_atomic(cfg_path, json.dumps(cfg, indent=2))
 
 
 def sae_card(metrics: dict[str, Any], info: dict[str, Any]) -> str:
