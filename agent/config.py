@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from platformdirs import user_cache_dir
 from pydantic import Field
@@ -15,7 +15,9 @@ from pydantic_settings import (
 )
 
 from tools.coverage import ActivityRule, JudgeSettings
-from tools.probe import ProbeSettings
+
+if TYPE_CHECKING:  # tools.probe imports torch; settings must stay quick to import
+    from tools.probe import ProbeSettings
 
 
 class Settings(BaseSettings):
@@ -67,6 +69,8 @@ class Settings(BaseSettings):
         )
 
     def probe_settings(self) -> ProbeSettings:
+        from tools.probe import ProbeSettings
+
         return ProbeSettings(
             max_tokens=self.max_tokens, batch_tokens=self.batch_tokens,
             chat_template=self.chat_template,

@@ -19,14 +19,16 @@ each feature's explanation) plugs in through `RelevanceJudge` with the interpret
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel, Field
 
 from tools.errors import ConfigError, DataError
-from tools.probe import ProbeResult
+
+if TYPE_CHECKING:  # tools.probe imports torch: keep settings imports light
+    from tools.probe import ProbeResult
 
 
 class ActivityRule(BaseModel):

@@ -108,3 +108,11 @@ def test_train_sae_refuses_too_few_vectors(parts, tmp_path, monkeypatch) -> None
         "--out", str(tmp_path / "sae"), "--d-sae", "64", "--k", "4",
     ])
     assert res.exit_code == 2 and "fewer than 10 steps" in res.output
+
+
+def test_cli_import_stays_light() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, agent.cli; sys.exit('torch' in sys.modules or 'sae_lens' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
