@@ -77,3 +77,22 @@ def test_probe_matches_naive_reference_on_real_rows(ws) -> None:
     got = probe_texts(rows, ws.model, ws.sae, ps).max_matrix().toarray()
     want = reference_max_acts(rows, ws.model, ws.sae, ps)
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
+
+
+def test_verifier_keeps_texts_that_hit_a_missing_feature(ws, demo) -> None:
+    from tools.verify import Provenance, Sample, verify
+
+    anchor, seed, anchor_acts, _ = demo
+    report = ws.coverage(anchor, seed)
+    target = report.missing[0]
+    hits = [s.text for s in target.spans]  # anchor texts that activate the target most
+    misses = seed.texts[:3]  # the seed never activates a missing feature, by definition
+    samples = [Sample(text=t, label=1, provenance=Provenance(feature=target.feature))
+               for t in hits + misses]
+    acts = probe_texts([s.text for s in samples], ws.model, ws.sae, ws.settings.probe_settings())
+    rule = ws.settings.activity_rule()
+    thr = feature_thresholds(rule, anchor_acts.max_matrix())
+    result = verify(samples, acts, rule, thr)
+    assert {v.sample.text for v in result.rejected} >= set(misses)
+    assert all(v.reason == "target_inactive" for v in result.rejected if v.sample.text in misses)
+    assert result.kept, "the target's own top spans should activate it"

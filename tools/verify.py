@@ -1,0 +1,160 @@
+"""Activation verifier: keep a generated sample only if it really activates its target.
+
+A sample targets one missing feature. It is kept when that feature counts as active in the
+sample under the same `ActivityRule` and thresholds that coverage uses (so a kept sample
+covers the feature by construction), it is not empty, and it is neither an exact nor a near
+duplicate (MinHash LSH on word 3-shingles) of the existing data or of a sample kept before
+it. Rejected samples keep their reason; per-feature hit rates say how often the generator
+hit each target at all.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from tools.coverage import ActivityRule, activity
+
+if TYPE_CHECKING:
+    from tools.probe import ProbeResult
+
+Reason = Literal["kept", "empty", "duplicate", "near_duplicate", "target_inactive"]
+
+
+class Provenance(BaseModel):
+    feature: int = Field(description="the missing feature this sample targets")
+    round: int = 0
+    generator: str = ""
+    prompt_version: str = ""
+    temperature: float | None = None
+    seed: int | None = None
+
+
+class Sample(BaseModel):
+    text: str
+    label: int | None = None
+    provenance: Provenance
+
+
+class Verdict(BaseModel):
+    sample: Sample
+    reason: Reason
+    activation: float = Field(description="max activation of the target feature in the sample")
+
+    @property
+    def kept(self) -> bool:
+        return self.reason == "kept"
+
+
+class FeatureHits(BaseModel):
+    generated: int
+    activated: int
+    kept: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.activated / self.generated if self.generated else 0.0
+
+
+class VerifyReport(BaseModel):
+    kept: list[Verdict]
+    rejected: list[Verdict]
+    per_feature: dict[int, FeatureHits]
+
+    @property
+    def hit_rate(self) -> float:
+        n = sum(h.generated for h in self.per_feature.values())
+        return sum(h.activated for h in self.per_feature.values()) / n if n else 0.0
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def _shingles(text: str, k: int = 3) -> set[str]:
+    words = re.findall(r"\w+", text.lower())
+    return {" ".join(words[i : i + k]) for i in range(max(1, len(words) - k + 1))}
+
+
+class NearDuplicates:
+    """Exact and near-duplicate detection (MinHash LSH, Jaccard >= threshold)."""
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 64) -> None:
+        from datasketch import MinHash, MinHashLSH
+
+        self._minhash = MinHash
+        self._num_perm = num_perm
+        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self._exact: set[str] = set()
+        self._n = 0
+
+    def _hash(self, text: str):  # type: ignore[no-untyped-def]
+        m = self._minhash(num_perm=self._num_perm, seed=1)
+        for s in _shingles(text):
+            m.update(s.encode("utf-8"))
+        return m
+
+    def check(self, text: str) -> Literal["new", "duplicate", "near_duplicate"]:
+        if normalise(text) in self._exact:
+            return "duplicate"
+        return "near_duplicate" if self._lsh.query(self._hash(text)) else "new"
+
+    def add(self, text: str) -> None:
+        self._exact.add(normalise(text))
+        self._lsh.insert(str(self._n), self._hash(text))
+        self._n += 1
+
+    def add_all(self, texts: Iterable[str]) -> None:
+        for t in texts:
+            self.add(t)
+
+
+def verify(
+    samples: Sequence[Sample],
+    acts: ProbeResult,
+    rule: ActivityRule,
+    thresholds: np.ndarray,
+    *,
+    existing: Iterable[str] = (),
+    near_threshold: float = 0.8,
+) -> VerifyReport:
+    """Judge `samples` (probed in the same order as `acts`) against their targets."""
+    if len(samples) != len(acts.acts):
+        raise ValueError(f"{len(samples)} samples but {len(acts.acts)} probed rows")
+    active = activity(acts, rule, thresholds).tocsr()
+    maxes = acts.max_matrix().tocsr()
+    seen = NearDuplicates(near_threshold)
+    seen.add_all(existing)
+    hits: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
+    kept: list[Verdict] = []
+    rejected: list[Verdict] = []
+    for i, sample in enumerate(samples):
+        f = sample.provenance.feature
+        on = bool(active[i, f]) if 0 <= f < acts.d_sae else False
+        counts = hits[f]
+        counts[0] += 1
+        counts[1] += on
+        reason: Reason
+        if not sample.text.strip():
+            reason = "empty"
+        elif (dup := seen.check(sample.text)) != "new":
+            reason = dup
+        elif not on:
+            reason = "target_inactive"
+        else:
+            reason = "kept"
+            seen.add(sample.text)
+            counts[2] += 1
+        activation = float(maxes[i, f]) if 0 <= f < acts.d_sae else 0.0
+        (kept if reason == "kept" else rejected).append(
+            Verdict(sample=sample, reason=reason, activation=activation)
+        )
+    per_feature = {
+        f: FeatureHits(generated=g, activated=a, kept=k) for f, (g, a, k) in sorted(hits.items())
+    }
+    return VerifyReport(kept=kept, rejected=rejected, per_feature=per_feature)
