@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from platformdirs import user_cache_dir
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     top_spans: int = Field(3, ge=0, description="activating spans kept per missing feature")
     span_window: int = Field(12, ge=1, description="tokens per span, ending at the peak")
     judge: JudgeSettings = JudgeSettings()
+    llm_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (vLLM, ...)")
+    llm_model: str | None = Field(None, description="model name at that endpoint")
+    llm_api_key: SecretStr | None = Field(None, description="env FACSYNTH_LLM_API_KEY")
+    llm_timeout: float = Field(120.0, gt=0, description="seconds per request")
+    llm_retries: int = Field(3, ge=0, description="retries on timeouts, 429 and 5xx")
 
     @classmethod
     def settings_customise_sources(
