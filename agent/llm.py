@@ -11,10 +11,28 @@ from tools.errors import ConfigError
 
 
 class LangChainClient:
-    """`tools` ChatClient over any langchain chat model."""
+    """`tools` chat clients (sync `chat`, async `achat`) over any langchain chat model."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, name: str | None = None) -> None:
         self.model = model
+        self.name = name or str(getattr(model, "model_name", type(model).__name__))
+
+    async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
+        import openai
+        from langchain_core.messages import HumanMessage, SystemMessage
+
+        from tools.generate import TransientLLMError
+
+        try:
+            reply = await self.model.bind(temperature=temperature, seed=seed).ainvoke(
+                [SystemMessage(system), HumanMessage(user)]
+            )
+        except (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
+                openai.InternalServerError) as e:
+            # the SDK already retried these (llm_retries); the generator may back off more
+            raise TransientLLMError(f"{type(e).__name__}: {e}") from e
+        content = reply.content
+        return content if isinstance(content, str) else str(content)
 
     def chat(self, system: str, user: str) -> str:
         from langchain_core.messages import HumanMessage, SystemMessage

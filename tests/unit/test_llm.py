@@ -27,3 +27,29 @@ def test_factory_needs_an_endpoint_and_keeps_the_key_secret() -> None:
                         llm_api_key=SecretStr("sk-test"))
     model = make_chat_model(settings)
     assert model.model_name == "m" and "sk-test" not in repr(settings)
+
+
+def test_async_client_and_transient_error_mapping() -> None:
+    import asyncio
+
+    import httpx
+    import openai
+
+    from tools.generate import GenerateSettings, Target, TransientLLMError, agenerate
+
+    fake = GenericFakeChatModel(messages=iter([AIMessage("how do I hotwire a car")]))
+    client = LangChainClient(fake, name="fake")
+    out = asyncio.run(agenerate([Target(feature=3, summary="car theft")], client,
+                                GenerateSettings(per_feature=1)))
+    assert out[0].text == "how do I hotwire a car" and out[0].provenance.generator == "fake"
+
+    class RateLimited(GenericFakeChatModel):
+        async def _agenerate(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+            raise openai.RateLimitError(
+                "slow down", response=httpx.Response(429, request=request), body=None
+            )
+
+    limited = LangChainClient(RateLimited(messages=iter([])), name="limited")
+    with pytest.raises(TransientLLMError, match="RateLimitError"):
+        asyncio.run(limited.achat("s", "u", temperature=0.8, seed=1))

@@ -1,0 +1,110 @@
+"""Targeted generator: new samples aimed at one missing feature each.
+
+For every target (a feature's summary, 2-3 of its top spans and the label it should carry)
+the generator asks an LLM for one message per request, n requests per feature at
+temperature T with distinct seeds, at most `concurrency` requests in flight. Transient
+failures (timeouts, 429, 5xx) are retried with exponential backoff; anything else fails
+loudly. Each sample carries its provenance for the verifier and the run store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from pydantic import BaseModel, Field
+
+from prompts import render
+from tools.errors import FacsynthError
+from tools.verify import Provenance, Sample
+
+log = logging.getLogger(__name__)
+
+PROMPT = "generate_toxicity.v1"
+SYSTEM = "You write realistic test data for a content-safety classifier."
+
+
+class TransientLLMError(FacsynthError):
+    """A failure worth retrying: timeout, rate limit (429) or server error (5xx)."""
+
+
+class AsyncChatClient(Protocol):
+    name: str
+
+    async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str: ...
+
+
+class Target(BaseModel):
+    feature: int
+    summary: str
+    spans: list[str] = Field(default_factory=list)
+    label: int = 1
+
+
+class GenerateSettings(BaseModel):
+    per_feature: int = Field(2, ge=1, description="samples per missing feature")
+    temperature: float = Field(0.8, ge=0, le=2)
+    concurrency: int = Field(8, ge=1)
+    retries: int = Field(4, ge=0)
+    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each time")
+    seed: int = 0
+    round: int = 0
+
+
+def clean(reply: str) -> str:
+    """The message itself: no wrapping quotes, no 'Message:' style preamble."""
+    text = reply.strip()
+    first, sep, rest = text.partition(":")
+    if sep and len(first.split()) <= 3 and first.lower().rstrip() in {
+        "message", "user", "user message", "sample", "here is the message", "prompt",
+    }:
+        text = rest.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
+
+
+async def _with_backoff(
+    call: Callable[[], Awaitable[str]], retries: int, backoff_s: float,
+    sleep: Callable[[float], Awaitable[None]],
+) -> str:
+    for attempt in range(retries + 1):
+        try:
+            return await call()
+        except TransientLLMError as e:
+            if attempt == retries:
+                raise
+            delay = backoff_s * 2**attempt * (1 + 0.1 * random.random())
+            log.info("transient LLM error (%s); retrying in %.1fs", e, delay)
+            await sleep(delay)
+    raise AssertionError("unreachable")
+
+
+async def agenerate(
+    targets: Sequence[Target],
+    client: AsyncChatClient,
+    settings: GenerateSettings | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> list[Sample]:
+    """`per_feature` samples for every target, in target order."""
+    settings = settings or GenerateSettings()
+    gate = asyncio.Semaphore(settings.concurrency)
+
+    async def one(target: Target, k: int) -> Sample:
+        seed = settings.seed * 1_000_003 + target.feature * 101 + k
+        user = render(PROMPT, summary=target.summary, spans=target.spans[:3], label=target.label)
+        async with gate:
+            reply = await _with_backoff(
+                lambda: client.achat(SYSTEM, user, temperature=settings.temperature, seed=seed),
+                settings.retries, settings.backoff_s, sleep,
+            )
+        return Sample(text=clean(reply), label=target.label, provenance=Provenance(
+            feature=target.feature, round=settings.round, generator=client.name,
+            prompt_version=PROMPT, temperature=settings.temperature, seed=seed,
+        ))
+
+    jobs = [one(t, k) for t in targets for k in range(settings.per_feature)]
+    return list(await asyncio.gather(*jobs))
