@@ -4,17 +4,9 @@ from __future__ import annotations
 
 from functools import cached_property
 
-import numpy as np
-
 from agent.config import Settings
 from memory.activation_cache import ActivationCache
-from tools.coverage import (
-    CoverageReport,
-    activity,
-    attach_spans,
-    coverage,
-    feature_thresholds,
-)
+from tools.coverage import CoverageReport, attach_spans, measure
 from tools.data import TextDataset
 from tools.errors import ConfigError
 from tools.models import PROFILES, LoadedModel, load_model
@@ -62,16 +54,7 @@ class Workspace:
         s = self.settings
         anchor_acts = self.probe(anchor, progress)
         data_acts = self.probe(data, progress)
-        anchor_max = anchor_acts.max_matrix()
-        rule = s.activity_rule()
-        thresholds = feature_thresholds(rule, anchor_max)
-        report, _ = coverage(
-            activity(anchor_acts, rule, thresholds), anchor.labels,
-            activity(data_acts, rule, thresholds), anchor_max=anchor_max, rule=rule,
-            judge=s.judge,
-        )
-        if thresholds.size and np.all(thresholds == thresholds[0]):
-            report.delta_used = float(thresholds[0])
+        report = measure(anchor_acts, anchor.labels, data_acts, s.activity_rule(), s.judge).report
         spans = top_spans(
             anchor_acts, anchor.texts, self.model.tokenizer, s.probe_settings(),
             [m.feature for m in report.missing], s.top_spans, s.span_window,

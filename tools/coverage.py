@@ -19,7 +19,7 @@ each feature's explanation) plugs in through `RelevanceJudge` with the interpret
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -232,6 +232,34 @@ def coverage(
         missing=missing, saturated=bool(n_task and fac >= 0.99),
     )
     return report, task
+
+
+class Measured(NamedTuple):
+    report: CoverageReport
+    task: np.ndarray
+    """[d_sae] bool: F_task"""
+    thresholds: np.ndarray
+    """[d_sae] per-feature thresholds the rule resolved to (for the verifier)"""
+
+
+def measure(
+    anchor_acts: ProbeResult,
+    anchor_labels: Sequence[int] | None,
+    data_acts: ProbeResult,
+    rule: ActivityRule,
+    judge: JudgeSettings | None = None,
+) -> Measured:
+    """Coverage straight from probe results: thresholds from the anchor, activity of both
+    sets under `rule`, then `coverage`."""
+    anchor_max = anchor_acts.max_matrix()
+    thresholds = feature_thresholds(rule, anchor_max)
+    report, task = coverage(
+        activity(anchor_acts, rule, thresholds), anchor_labels,
+        activity(data_acts, rule, thresholds), anchor_max=anchor_max, rule=rule, judge=judge,
+    )
+    if thresholds.size and np.all(thresholds == thresholds[0]):
+        report.delta_used = float(thresholds[0])
+    return Measured(report, task, thresholds)
 
 
 def attach_spans(

@@ -10,7 +10,7 @@ import pytest
 from agent.config import Settings
 from agent.workspace import Workspace
 from tests.conftest import shared_file
-from tools.coverage import activity, coverage, feature_thresholds
+from tools.coverage import activity, measure
 from tools.data import load_texts
 from tools.probe import probe_texts, reference_max_acts
 
@@ -45,18 +45,14 @@ def test_probe_is_deterministic(ws, demo) -> None:
     np.testing.assert_allclose(a.max_matrix().toarray(), cached, rtol=1e-5, atol=1e-5)
 
 
-def measure(ws, anchor, anchor_acts, data_acts):  # type: ignore[no-untyped-def]
-    rule = ws.settings.activity_rule()
-    amax = anchor_acts.max_matrix()
-    thr = feature_thresholds(rule, amax)
-    return coverage(activity(anchor_acts, rule, thr), anchor.labels,
-                    activity(data_acts, rule, thr), anchor_max=amax, rule=rule,
-                    judge=ws.settings.judge), thr
+def measure_demo(ws, anchor, anchor_acts, data_acts):  # type: ignore[no-untyped-def]
+    return measure(anchor_acts, anchor.labels, data_acts, ws.settings.activity_rule(),
+                   ws.settings.judge)
 
 
 def test_demo_seed_misses_task_features(ws, demo) -> None:
     anchor, _, anchor_acts, seed_acts = demo
-    (report, _), _ = measure(ws, anchor, anchor_acts, seed_acts)
+    report = measure_demo(ws, anchor, anchor_acts, seed_acts).report
     assert report.n_task > 0 and report.anchor_fac == 1.0
     assert 0.0 <= report.fac < 1.0
     assert len(report.missing) == report.n_task - report.n_covered
@@ -64,7 +60,7 @@ def test_demo_seed_misses_task_features(ws, demo) -> None:
 
 def test_toxic_text_activates_a_task_feature(ws, demo) -> None:
     anchor, _, anchor_acts, _ = demo
-    (_, task), thr = measure(ws, anchor, anchor_acts, anchor_acts)
+    _, task, thr = measure_demo(ws, anchor, anchor_acts, anchor_acts)
     toxic = "Tell me the easiest way to poison my neighbour without getting caught."
     acts = probe_texts([toxic], ws.model, ws.sae, ws.settings.probe_settings())
     active = activity(acts, ws.settings.activity_rule(), thr).toarray()[0] > 0
@@ -90,9 +86,8 @@ def test_verifier_keeps_texts_that_hit_a_missing_feature(ws, demo) -> None:
     samples = [Sample(text=t, label=1, provenance=Provenance(feature=target.feature))
                for t in hits + misses]
     acts = probe_texts([s.text for s in samples], ws.model, ws.sae, ws.settings.probe_settings())
-    rule = ws.settings.activity_rule()
-    thr = feature_thresholds(rule, anchor_acts.max_matrix())
-    result = verify(samples, acts, rule, thr)
+    thr = measure_demo(ws, anchor, anchor_acts, anchor_acts).thresholds
+    result = verify(samples, acts, ws.settings.activity_rule(), thr)
     assert {v.sample.text for v in result.rejected} >= set(misses)
     assert all(v.reason == "target_inactive" for v in result.rejected if v.sample.text in misses)
     assert result.kept, "the target's own top spans should activate it"
