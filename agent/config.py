@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     llm_api_key: SecretStr | None = Field(None, description="env FACSYNTH_LLM_API_KEY")
     llm_timeout: float = Field(120.0, gt=0, description="seconds per request")
     llm_retries: int = Field(3, ge=0, description="retries on timeouts, 429 and 5xx")
+    generator: Literal["auto", "endpoint", "vllm", "local"] = Field(
+        "auto",
+        description="LLM for interpret/judge/generate: a configured endpoint; a managed vLLM "
+        "server on the embedded model; or in-process transformers. auto: endpoint if "
+        "llm_base_url is set, else vllm if installed, else local",
+    )
+    vllm_startup_timeout: float = Field(900.0, gt=0, description="seconds to wait for vLLM")
+    max_new_tokens: int = Field(96, ge=8, description="generated tokens per reply")
 
     @classmethod
     def settings_customise_sources(
