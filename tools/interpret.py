@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 PROMPT = "interpret_feature.v1"
 SYSTEM = "You are a careful interpretability researcher. You answer in JSON only."
+SCORE_PROMPT = "score_interpretation.v1"
+SYSTEM_SCORE = "You are a careful interpretability researcher. You answer yes or no."
+LOW_SCORE = 0.6
+"""Interpretations whose detection accuracy is below this are flagged (`scores`)."""
 
 
 class ChatClient(Protocol):
@@ -41,38 +45,65 @@ class Interpretation(BaseModel):
     confidence: float = Field(ge=0, le=1)
 
 
-def _parse(reply: str) -> Interpretation:
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_json(reply: str, schema: type[M]) -> M:
+    """The reply's outermost JSON object, validated against `schema`."""
     text = reply.strip()
     # Chat models like to wrap JSON in a fenced block; take the outermost object.
     start, end = text.find("{"), text.rfind("}")
     if start == -1 or end < start:
         raise ValueError("no JSON object in the reply")
-    result = Interpretation.model_validate(json.loads(text[start : end + 1]))
-    if result.summary.strip().lower().rstrip(".") == "cannot tell":
-        result.interpretable = False
-    return result
+    return schema.model_validate(json.loads(text[start : end + 1]))
 
 
-def interpret_feature(
-    spans: Sequence[Span], client: ChatClient, retries: int = 2
-) -> Interpretation:
-    """One feature's summary from its top spans (peak token last)."""
-    user = render(PROMPT, spans=spans)
+def ask_json(client: ChatClient, system: str, user: str, schema: type[M], retries: int = 2) -> M:
+    """Ask until the reply is a valid `schema` object; invalid replies are sent back with
+    the validation problem, up to `retries` times."""
     problem = ""
     for attempt in range(retries + 1):
         ask = user if not problem else (
             f"{user}\n\nYour previous answer was not valid ({problem}). "
             "Reply with the JSON object only."
         )
-        reply = client.chat(SYSTEM, ask)
+        reply = client.chat(system, ask)
         try:
-            return _parse(reply)
+            return parse_json(reply, schema)
         except ValidationError as e:
             problem = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
         except ValueError as e:  # json.JSONDecodeError included
             problem = str(e)[:200]
-        log.info("interpretation attempt %d invalid: %s", attempt + 1, problem)
-    raise LLMOutputError(f"no valid interpretation after {retries + 1} attempts: {problem}")
+        log.info("%s attempt %d invalid: %s", schema.__name__, attempt + 1, problem)
+    raise LLMOutputError(
+        f"no valid {schema.__name__} from the LLM after {retries + 1} attempts: {problem}"
+    )
+
+
+def interpret_feature(
+    spans: Sequence[Span], client: ChatClient, retries: int = 2
+) -> Interpretation:
+    """One feature's summary from its top spans (peak token last)."""
+    result = ask_json(client, SYSTEM, render(PROMPT, spans=spans), Interpretation, retries)
+    if result.summary.strip().lower().rstrip(".") == "cannot tell":
+        result.interpretable = False
+    return result
+
+
+def score_interpretation(
+    summary: str, activating: Sequence[str], other: Sequence[str], client: ChatClient
+) -> float:
+    """Detection accuracy: how often the LLM, given only the summary, tells held-out spans
+    where the feature fires from spans where it does not (0.5 = chance)."""
+    cases = [(t, True) for t in activating] + [(t, False) for t in other]
+    if not cases:
+        raise ValueError("no spans to score the interpretation on")
+    right = 0
+    for text, fires in cases:
+        reply = client.chat(SYSTEM_SCORE, render(SCORE_PROMPT, summary=summary, text=text))
+        said_yes = reply.strip().lower().lstrip("\"'*").startswith("yes")
+        right += said_yes == fires
+    return right / len(cases)
 
 
 def interpret_features(
