@@ -67,10 +67,12 @@ def clean(reply: str) -> str:
     return text
 
 
-async def _with_backoff(
+async def with_backoff(
     call: Callable[[], Awaitable[str]], retries: int, backoff_s: float,
     sleep: Callable[[float], Awaitable[None]],
 ) -> str:
+    """`call()`, retried on TransientLLMError up to `retries` times with exponential
+    backoff (backoff_s, 2x, 4x ... plus up to 10% jitter); the last error is re-raised."""
     for attempt in range(retries + 1):
         try:
             return await call()
@@ -97,7 +99,7 @@ async def agenerate(
         seed = settings.seed * 1_000_003 + target.feature * 101 + k
         user = render(PROMPT, summary=target.summary, spans=target.spans[:3], label=target.label)
         async with gate:
-            reply = await _with_backoff(
+            reply = await with_backoff(
                 lambda: client.achat(SYSTEM, user, temperature=settings.temperature, seed=seed),
                 settings.retries, settings.backoff_s, sleep,
             )
