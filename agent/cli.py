@@ -275,3 +275,218 @@ def train_sae(
     write_text_atomic(out_dir / "sae" / "README.md", sae_card(metrics, info))
     out.print(f"SAE saved to {out_dir / 'sae'}: explained variance "
               f"{metrics['explained_variance']:.3f}, dead {metrics['dead_fraction']:.3f}")
+
+
+RelevanceOpt = Annotated[
+    str, typer.Option(help="label (anchor statistics), llm (LLM verdict Yes/Probably), or auto "
+                      "(label, vetoed by an LLM 'No')")
+]
+GeneratorOpt = Annotated[
+    str | None, typer.Option(help="auto, endpoint (FACSYNTH_LLM_BASE_URL), vllm (managed server "
+                             "on the embedded model) or local (in-process transformers)")
+]
+
+
+def _read_model(path: Path, schema: Any, what: str) -> Any:
+    from pydantic import ValidationError
+
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file; write it with `facsynth {what}` first")
+    try:
+        return schema.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ConfigError(
+            f"{path}: not a `facsynth {what}` output ({'.'.join(map(str, first['loc']))}: "
+            f"{first['msg']}); regenerate it with `facsynth {what} ... --json {path}`"
+        ) from None
+
+
+def _read_samples(path: Path) -> list[Any]:
+    from pydantic import ValidationError
+
+    from tools.verify import Sample
+
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file; write it with `facsynth generate` first")
+    samples = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            samples.append(Sample.model_validate_json(line))
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ConfigError(
+                f"{path}:{n}: not a sample ({'.'.join(map(str, first['loc']))}: {first['msg']}); "
+                "expected the JSONL `facsynth generate` writes"
+            ) from None
+    return samples
+
+
+def _jsonl(rows: Any) -> str:
+    return "".join(r.model_dump_json() + "\n" for r in rows)
+
+
+@app.command()
+def interpret(
+    coverage_json: Annotated[Path, typer.Argument(help="report from `facsynth coverage --json`")],
+    json_out: Annotated[Path, typer.Option("--json", help="write the features here")],
+    top: Annotated[int, typer.Option(help="missing features to interpret")] = 10,
+    relevance: RelevanceOpt = "auto",
+    score: Annotated[
+        bool, typer.Option(help="also score each summary by detection accuracy (needs --anchor)")
+    ] = False,
+    anchor: Annotated[Path | None, typer.Option(help="the anchor set, for --score")] = None,
+    generator: GeneratorOpt = None,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+) -> None:
+    """Summarise the top missing features (feature memory first, else the LLM) and judge their
+    relevance; writes the features `facsynth generate` reads."""
+    from agent.llm import open_llm
+    from agent.pipeline import interpret_missing, span_finder
+    from agent.workspace import Workspace
+    from tools.coverage import CoverageReport
+    from tools.data import load_texts
+
+    with _errors():
+        if relevance not in ("label", "llm", "auto"):
+            raise ConfigError(f"--relevance {relevance!r}: use label, llm or auto")
+        if score and anchor is None:
+            raise ConfigError("--score needs --anchor (the held-out spans come from it)")
+        settings = _settings(model=model, sae=sae, generator=generator)
+        report = _read_model(coverage_json, CoverageReport, "coverage")
+        ws = Workspace(settings)
+        score_with = None
+        if anchor is not None and score:
+            a = load_texts(anchor, require_labels=True)
+            score_with = (a.texts, span_finder(ws, a))
+        with open_llm(settings, json_out.parent, ws) as llm:
+            result = interpret_missing(report, llm, ws, limit=top, relevance=relevance,  # type: ignore[arg-type]
+                                       score_with=score_with)
+    table = Table(title=f"{len(result.features)} missing features ({relevance} relevance)")
+    for col in ("feature", "target", "llm verdict", "detection", "summary"):
+        table.add_column(col, overflow="fold")
+    for f in result.features:
+        r = f.record
+        det = r.scores.get("detection")
+        table.add_row(str(r.feature), "yes" if f.targeted else "no", r.relevance.get("llm", "-"),
+                      "-" if det is None else f"{det:.2f}", r.summary)
+    out.print(table)
+    if result.failed:
+        out.print(f"[yellow]no valid answer from the LLM for features {result.failed}")
+    if result.agreement:
+        agr = result.agreement
+        out.print(f"LLM agrees with the label judge on {agr.agree}/{agr.judged} "
+                  f"({agr.rate:.0%}): {agr.verdicts}")
+    write_text_atomic(json_out, result.model_dump_json(indent=2))
+    err.print(f"features written to {json_out}")
+
+
+@app.command()
+def generate(
+    features_json: Annotated[Path, typer.Argument(help="from `facsynth interpret --json`")],
+    out_path: Annotated[Path, typer.Option("--out", help="samples JSONL to write")],
+    per_feature: Annotated[int, typer.Option(help="samples per targeted feature")] = 2,
+    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 0.8,
+    concurrency: Annotated[int, typer.Option(help="requests in flight")] = 8,
+    seed: Annotated[int, typer.Option(help="base seed (each request gets its own)")] = 0,
+    generator: GeneratorOpt = None,
+    model: ModelOpt = None,
+) -> None:
+    """Write new samples aimed at each targeted feature (JSONL with provenance)."""
+    from agent.llm import open_llm
+    from agent.pipeline import Interpreted
+    from agent.pipeline import generate as run_generate
+    from agent.workspace import Workspace
+    from tools.generate import GenerateSettings
+
+    with _errors():
+        settings = _settings(model=model, generator=generator)
+        features = _read_model(features_json, Interpreted, "interpret")
+        targets = features.targets
+        if not targets:
+            raise ConfigError(f"{features_json}: no targeted features (all judged irrelevant "
+                              "or uninterpretable); rerun interpret with --relevance label")
+        gs = GenerateSettings(per_feature=per_feature, temperature=temperature,
+                              concurrency=concurrency, seed=seed)
+        with open_llm(settings, out_path.parent, Workspace(settings)) as llm:
+            samples = run_generate(targets, llm, gs)
+    write_text_atomic(out_path, _jsonl(samples))
+    empty = sum(not s.text.strip() for s in samples)
+    out.print(f"{len(samples)} samples for {len(targets)} features written to {out_path}"
+              + (f" ({empty} empty)" if empty else ""))
+
+
+@app.command()
+def verify(
+    samples_path: Annotated[Path, typer.Argument(help="samples JSONL from `facsynth generate`")],
+    anchor: Annotated[Path, typer.Option(help="the anchor set coverage used")],
+    data: Annotated[Path, typer.Option(help="the dataset being extended (for de-duplication)")],
+    out_path: Annotated[Path, typer.Option("--out", help="kept samples JSONL")],
+    rejected_path: Annotated[
+        Path | None, typer.Option("--rejected", help="rejected samples (default: beside --out)")
+    ] = None,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+) -> None:
+    """Keep only samples that activate their target feature (coverage's own rule) and are not
+    duplicates; rejected ones are written separately with the reason."""
+    from agent.pipeline import verify_samples
+    from agent.workspace import Workspace
+    from tools.data import load_texts
+
+    with _errors():
+        settings = _settings(model=model, sae=sae)
+        samples = _read_samples(samples_path)
+        a = load_texts(anchor, require_labels=True)
+        d = load_texts(data)
+        report = verify_samples(Workspace(settings), a, d, samples)
+    rejected_path = rejected_path or out_path.with_name(out_path.stem + ".rejected.jsonl")
+    write_text_atomic(out_path, _jsonl(v.sample for v in report.kept))
+    write_text_atomic(rejected_path, "".join(
+        json.dumps({**v.sample.model_dump(), "reason": v.reason, "activation": v.activation})
+        + "\n" for v in report.rejected
+    ))
+    table = Table(title=f"hit rate {report.hit_rate:.0%}: kept {len(report.kept)} of "
+                  f"{len(samples)}")
+    for col in ("feature", "generated", "activated", "kept"):
+        table.add_column(col)
+    for f, h in report.per_feature.items():
+        table.add_row(str(f), str(h.generated), str(h.activated), str(h.kept))
+    out.print(table)
+    err.print(f"kept -> {out_path}; rejected -> {rejected_path}")
+
+
+features_app = typer.Typer(help="The feature memory: summaries of features seen so far.")
+app.add_typer(features_app, name="features")
+
+
+@features_app.command("search")
+def features_search(
+    query: Annotated[str, typer.Argument(help='what to look for, e.g. "stealing"')],
+    k: Annotated[int, typer.Option(help="results")] = 10,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Find interpreted features by meaning (for this model and SAE)."""
+    from agent.workspace import Workspace
+
+    with _errors():
+        ws = Workspace(_settings(model=model, sae=sae))
+        hits = ws.memory.search(query, k)
+    if json_out:
+        out.print_json(json.dumps([{"feature": r.feature, "score": round(s, 4),
+                                    "summary": r.summary} for r, s in hits]))
+        return
+    if not hits:
+        out.print("the feature memory is empty: run `facsynth interpret` first")
+        return
+    table = Table(title=f"features like {query!r}")
+    for col in ("feature", "similarity", "summary"):
+        table.add_column(col, overflow="fold")
+    for r, s in hits:
+        table.add_row(str(r.feature), f"{s:.2f}", r.summary)
+    out.print(table)

@@ -6,6 +6,7 @@ from functools import cached_property
 
 from agent.config import Settings
 from memory.activation_cache import ActivationCache
+from memory.feature_memory import ChromaFeatureMemory, minilm_embedder
 from tools.coverage import CoverageReport, attach_spans, measure
 from tools.data import TextDataset
 from tools.errors import ConfigError
@@ -40,6 +41,12 @@ class Workspace:
     def cache(self) -> ActivationCache:
         ns = cache_namespace(self.model, self.sae, self.settings.probe_settings())
         return ActivationCache(self.settings.home / "activations" / f"{ns}.sqlite")
+
+    @cached_property
+    def memory(self) -> ChromaFeatureMemory:
+        """Feature summaries for this (model, SAE), persistent under `home/memory`."""
+        ns = f"{self.model.identity}|{self.sae.identity}|{self.sae.hook}"
+        return ChromaFeatureMemory(self.settings.home / "memory", ns, minilm_embedder())
 
     def probe(self, data: TextDataset, progress: Progress | None = None) -> ProbeResult:
         return probe_texts(

@@ -111,15 +111,23 @@ def interpret_features(
     client: ChatClient,
     memory: FeatureMemory,
     retries: int = 2,
+    skip_failures: bool = False,
 ) -> dict[int, FeatureRecord]:
     """Records for every feature in `spans`: from memory when known, else interpreted once
-    and stored."""
+    and stored. With `skip_failures`, a feature the LLM cannot answer validly for is left
+    out (and not stored, so a later run tries again) instead of raising."""
     known = memory.get_many(spans)
     fresh = []
     for feature, feature_spans in spans.items():
         if feature in known:
             continue
-        result = interpret_feature(feature_spans, client, retries)
+        try:
+            result = interpret_feature(feature_spans, client, retries)
+        except LLMOutputError as e:
+            if not skip_failures:
+                raise
+            log.warning("feature %d not interpreted: %s", feature, e)
+            continue
         fresh.append(FeatureRecord(
             feature=feature, summary=result.summary, confidence=result.confidence,
             interpretable=result.interpretable, spans=[s.text for s in feature_spans],

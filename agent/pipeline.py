@@ -1,0 +1,140 @@
+"""The synthesis steps, once: every surface (CLI commands, the improve graph, the chat agent,
+the MCP server) calls these. Each step reads and returns plain pydantic models, so the CLI
+can chain them through JSON files: coverage -> interpret -> generate -> verify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from agent.workspace import Workspace
+from memory.feature_memory import FeatureRecord
+from tools.coverage import CoverageReport, Span, feature_thresholds
+from tools.data import TextDataset
+from tools.generate import AsyncChatClient, GenerateSettings, Target, agenerate
+from tools.interpret import LOW_SCORE, ChatClient, interpret_features, score_interpretation
+from tools.relevance import Agreement, Relevance, agreement, judge_feature, keep
+from tools.verify import Sample, VerifyReport, verify
+
+log = logging.getLogger(__name__)
+
+SpanFn = Callable[[Sequence[int], int], dict[int, list[Span]]]
+
+
+class Feature(BaseModel):
+    """A missing feature after interpretation, ready to generate for."""
+
+    record: FeatureRecord
+    log_odds: float = 0.0
+    targeted: bool = Field(description="chosen for generation under the relevance setting")
+
+
+class Interpreted(BaseModel):
+    relevance: Relevance
+    features: list[Feature]
+    failed: list[int] = Field(default_factory=list, description="no valid LLM answer")
+    agreement: Agreement | None = None
+
+    @property
+    def targets(self) -> list[Target]:
+        return [
+            Target(feature=f.record.feature, summary=f.record.summary, spans=f.record.spans)
+            for f in self.features if f.targeted
+        ]
+
+
+def interpret_missing(
+    report: CoverageReport,
+    client: ChatClient,
+    ws: Workspace,
+    *,
+    limit: int = 10,
+    relevance: Relevance = "label",
+    score_with: tuple[Sequence[str], SpanFn] | None = None,
+) -> Interpreted:
+    """Summaries (feature memory first, else the LLM) for the top `limit` missing features;
+    LLM relevance verdicts unless `relevance == "label"`; detection scores when `score_with`
+    = (anchor texts, held-out span finder) is given. Everything learnt goes to memory."""
+    missing = report.missing[:limit]
+    spans = {m.feature: m.spans for m in missing}
+    records = interpret_features(spans, client, ws.memory, skip_failures=True)
+    updated: list[FeatureRecord] = []
+    for f, rec in records.items():
+        changed = False
+        if relevance != "label" and "llm" not in rec.relevance:
+            answer = judge_feature(rec.summary, rec.spans, client)
+            rec.relevance["llm"] = answer.verdict
+            rec.relevance["llm_reason"] = answer.reason
+            changed = True
+        if score_with and "detection" not in rec.scores and rec.interpretable:
+            texts, finder = score_with
+            held_out = [s.text for s in finder([f], len(rec.spans) + 3)[f][len(rec.spans):]]
+            others = _inactive_snippets(ws, texts, f, len(held_out))
+            rec.scores["detection"] = score_interpretation(rec.summary, held_out, others, client)
+            changed = True
+        if rec.scores.get("detection", 1.0) < LOW_SCORE:
+            log.info("feature %d: low detection score %.2f", f, rec.scores["detection"])
+        if changed:
+            updated.append(rec)
+    ws.memory.put_many(updated)
+    features = [
+        Feature(
+            record=records[m.feature], log_odds=m.log_odds,
+            targeted=records[m.feature].interpretable
+            and keep(records[m.feature].relevance.get("llm"), relevance),
+        )
+        for m in missing if m.feature in records
+    ]
+    verdicts = [f.record.relevance["llm"] for f in features if "llm" in f.record.relevance]
+    return Interpreted(
+        relevance=relevance, features=features,
+        failed=[m.feature for m in missing if m.feature not in records],
+        agreement=agreement(verdicts) if verdicts else None,
+    )
+
+
+def _inactive_snippets(ws: Workspace, texts: Sequence[str], feature: int, n: int) -> list[str]:
+    """Up to n anchor texts (first 80 characters) where `feature` never fires."""
+    from tools.data import TextDataset
+
+    acts = ws.probe(TextDataset(texts=list(texts), labels=None, source="anchor"))
+    fires = np.asarray(acts.max_matrix().tocsc()[:, feature].todense()).ravel() > 0
+    rows = np.flatnonzero(~fires)
+    rng = np.random.default_rng(feature)
+    return [texts[i][:80] for i in rng.permutation(rows)[:n]]
+
+
+def span_finder(ws: Workspace, anchor: TextDataset) -> SpanFn:
+    """Top anchor spans of any features (for held-out interpretation scoring)."""
+    from tools.probe import top_spans
+
+    acts = ws.probe(anchor)
+
+    def find(features: Sequence[int], n: int) -> dict[int, list[Span]]:
+        got = top_spans(acts, anchor.texts, ws.model.tokenizer, ws.settings.probe_settings(),
+                        list(features), n, ws.settings.span_window)
+        return {f: [Span(row=r, text=t, activation=a) for r, t, a in v] for f, v in got.items()}
+
+    return find
+
+
+def generate(
+    targets: Sequence[Target], client: AsyncChatClient, settings: GenerateSettings
+) -> list[Sample]:
+    return asyncio.run(agenerate(targets, client, settings))
+
+
+def verify_samples(
+    ws: Workspace, anchor: TextDataset, data: TextDataset, samples: Sequence[Sample]
+) -> VerifyReport:
+    """Keep samples whose target feature is active under coverage's own rule and thresholds
+    (from the anchor), dropping duplicates of `data` and of each other."""
+    rule = ws.settings.activity_rule()
+    thresholds = feature_thresholds(rule, ws.probe(anchor).max_matrix())
+    acts = ws.probe(TextDataset(texts=[s.text for s in samples], labels=None, source="samples"))
+    return verify(samples, acts, rule, thresholds, existing=data.texts)

@@ -1,0 +1,83 @@
+"""The synthesis chain on the embedded model and the demo data, with a scripted LLM (the real
+LLM backends have their own tests): coverage -> interpret -> generate -> verify."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from agent.config import Settings
+from agent.pipeline import interpret_missing, span_finder, verify_samples
+from agent.pipeline import generate as run_generate
+from agent.workspace import Workspace
+from memory.feature_memory import InMemoryFeatureMemory
+from tests.unit.test_feature_memory import bag_of_words
+from tools.data import load_texts
+from tools.generate import GenerateSettings
+
+pytestmark = pytest.mark.integration
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+class EchoLLM:
+    """Summarises by quoting the first span, says Yes, and 'generates' by echoing the
+    prompt's example spans (which activate the target by construction) or chit-chat."""
+
+    name = "echo"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def chat(self, system: str, user: str) -> str:
+        self.calls += 1
+        if '"verdict"' in user:
+            return '{"verdict": "Yes", "reason": "harmful"}'
+        if "yes or no" in user:
+            return "yes"
+        first = re.search(r"^1\. \([\d.]+\) (.*)$", user, re.M)
+        quote = first.group(1).strip().replace('"', "'") if first else "?"
+        return f'{{"summary": "text like: {quote}", "interpretable": true, "confidence": 0.5}}'
+
+    async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
+        spans = re.findall(r"^- (.*)$", user, re.M)
+        return f"{spans[seed % 2 % len(spans)]} please" if spans and seed % 3 else "nice weather"
+
+
+@pytest.fixture(scope="module")
+def ws() -> Workspace:
+    ws = Workspace(Settings())
+    ws.__dict__["memory"] = InMemoryFeatureMemory(bag_of_words)
+    return ws
+
+
+def test_chain_on_demo_data(ws: Workspace) -> None:
+    anchor = load_texts(EXAMPLES / "anchor.jsonl", require_labels=True)
+    seed = load_texts(EXAMPLES / "seed.jsonl")
+    report = ws.coverage(anchor, seed)
+    assert report.missing and all(m.spans for m in report.missing[:3])
+    llm = EchoLLM()
+
+    found = interpret_missing(report, llm, ws, limit=3, relevance="auto",
+                              score_with=(anchor.texts, span_finder(ws, anchor)))
+    assert [f.record.feature for f in found.features] == [m.feature for m in report.missing[:3]]
+    assert all(f.targeted and f.record.relevance["llm"] == "Yes" for f in found.features)
+    assert found.agreement is not None and found.agreement.rate == 1.0
+    assert all(0 <= f.record.scores["detection"] <= 1 for f in found.features)
+    calls = llm.calls
+    again = interpret_missing(report, llm, ws, limit=3, relevance="auto",
+                              score_with=(anchor.texts, span_finder(ws, anchor)))
+    assert llm.calls == calls, "features in memory are never re-interpreted, judged or scored"
+    assert again.features == found.features
+
+    samples = run_generate(found.targets, llm, GenerateSettings(per_feature=3))
+    assert len(samples) == 9 and {s.provenance.generator for s in samples} == {"echo"}
+    result = verify_samples(ws, anchor, seed, samples)
+    assert set(result.per_feature) == {t.feature for t in found.targets}
+    assert len(result.kept) + len(result.rejected) == 9
+    reasons = {v.reason for v in result.rejected}
+    assert "target_inactive" in reasons  # the chit-chat replies
+    assert result.kept, "echoed top spans activate their feature"
+    for v in result.kept:
+        assert v.activation > 0 and v.sample.provenance.feature in result.per_feature
