@@ -271,5 +271,5 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temp file and rename, so readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

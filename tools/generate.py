@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Container, Sequence
 from typing import Protocol
 
 from pydantic import BaseModel, Field
@@ -85,28 +85,42 @@ async def with_backoff(
     raise AssertionError("unreachable")
 
 
+def job_seed(settings: GenerateSettings, feature: int, k: int) -> int:
+    """The seed of the k-th request for a feature: also the sample's identity in a run."""
+    return settings.seed * 1_000_003 + feature * 101 + k
+
+
 async def agenerate(
     targets: Sequence[Target],
     client: AsyncChatClient,
     settings: GenerateSettings | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    *,
+    skip: Container[int] = (),
+    on_sample: Callable[[Sample], None] | None = None,
 ) -> list[Sample]:
-    """`per_feature` samples for every target, in target order."""
+    """`per_feature` samples for every target, in target order, leaving out requests whose
+    seed is in `skip` (already done by an interrupted run). `on_sample` sees each sample as
+    soon as it arrives (the loop journals it)."""
     settings = settings or GenerateSettings()
     gate = asyncio.Semaphore(settings.concurrency)
 
     async def one(target: Target, k: int) -> Sample:
-        seed = settings.seed * 1_000_003 + target.feature * 101 + k
+        seed = job_seed(settings, target.feature, k)
         user = render(PROMPT, summary=target.summary, spans=target.spans[:3], label=target.label)
         async with gate:
             reply = await with_backoff(
                 lambda: client.achat(SYSTEM, user, temperature=settings.temperature, seed=seed),
                 settings.retries, settings.backoff_s, sleep,
             )
-        return Sample(text=clean(reply), label=target.label, provenance=Provenance(
+        sample = Sample(text=clean(reply), label=target.label, provenance=Provenance(
             feature=target.feature, round=settings.round, generator=client.name,
             prompt_version=PROMPT, temperature=settings.temperature, seed=seed,
         ))
+        if on_sample:
+            on_sample(sample)
+        return sample
 
-    jobs = [one(t, k) for t in targets for k in range(settings.per_feature)]
+    jobs = [one(t, k) for t in targets for k in range(settings.per_feature)
+            if job_seed(settings, t.feature, k) not in skip]
     return list(await asyncio.gather(*jobs))

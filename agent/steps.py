@@ -1,0 +1,278 @@
+"""The improve graph's nodes: run-directory bookkeeping around an `Engine` that does the
+heavy work (model, SAE, LLM, detector). Every node can be re-run after a crash and gives the
+same result: generated samples are journalled one by one as they arrive (a resumed round
+asks only for the missing ones), round files are written atomically, features are
+remembered in the feature memory, and state updates are computed from the pre-node state.
+
+Run directory layout:
+    config.json            what `facsynth improve` was started with (for --resume)
+    checkpoints.sqlite     LangGraph checkpoints
+    history.json           one record per round (tools.report.History)
+    data/round-N.jsonl     kept synthetic rows of round N
+    rejected/round-N.jsonl rejected rows with their reason
+    work/round-N.*         coverage, features, generation journal, verification summary
+    models/round-N/        the detector trained after round N
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from agent.graph import LoopSettings, LoopState, decide
+from agent.pipeline import Interpreted
+from tools.coverage import CoverageReport, MissingFeature
+from tools.data import TextDataset, write_text_atomic
+from tools.detector import Metrics
+from tools.generate import GenerateSettings, Target, job_seed
+from tools.report import History, Metric, RoundRecord
+from tools.report import MissingFeature as MissingSummary
+from tools.verify import FeatureHits, Sample, VerifyReport
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """The heavy work behind the nodes (agent/engine.py; tests use fakes)."""
+
+    def probe(self, texts: Sequence[str]) -> None: ...
+    def coverage(self, texts: Sequence[str]) -> CoverageReport: ...
+    def error_features(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path,
+                       limit: int) -> list[MissingFeature]: ...
+    def interpret(self, report: CoverageReport, limit: int) -> Interpreted: ...
+    def generate(self, targets: Sequence[Target], settings: GenerateSettings,
+                 skip: set[int], on_sample: Callable[[Sample], None]) -> list[Sample]: ...
+    def verify(self, samples: Sequence[Sample], existing: Sequence[str]) -> VerifyReport: ...
+    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path) -> bool: ...
+    def evaluate(self, model_dir: Path) -> Metrics | None: ...
+
+
+class VerifySummary(BaseModel):
+    generated: int
+    kept: int
+    rejected: int
+    hit_rate: float
+    per_feature: dict[int, FeatureHits]
+
+
+Hook = Callable[[str, int], None]
+
+
+class Steps:
+    """One method per graph node. `before(node, round)` runs first in every node (progress
+    display; tests inject crashes there); `on_round(record)` after each round's decision."""
+
+    def __init__(self, run_dir: Path, engine: Engine, loop: LoopSettings, data: TextDataset,
+                 before: Hook | None = None,
+                 on_round: Callable[[RoundRecord], None] | None = None) -> None:
+        self.dir = run_dir
+        self.engine = engine
+        self.loop = loop
+        self.data = data
+        self.before = before or (lambda node, r: None)
+        self.on_round = on_round or (lambda rec: None)
+        self._started = time.monotonic()
+
+    # -- files -------------------------------------------------------------------------
+    def path(self, kind: str, r: int, suffix: str = "jsonl") -> Path:
+        folder = "work" if kind not in ("data", "rejected") else kind
+        name = f"round-{r}.{suffix}" if folder != "work" else f"round-{r}.{kind}.{suffix}"
+        return self.dir / folder / name
+
+    def rows(self, upto: int) -> tuple[list[str], list[int] | None]:
+        """The data as of the end of round `upto`: the starting rows plus kept samples."""
+        texts = list(self.data.texts)
+        labels = list(self.data.labels) if self.data.labels is not None else None
+        for r in range(1, upto + 1):
+            path = self.path("data", r)
+            if not path.exists():
+                continue
+            for s in read_samples(path):
+                texts.append(s.text)
+                if labels is not None:
+                    labels.append(1 if s.label is None else s.label)
+        return texts, labels
+
+    # -- nodes -------------------------------------------------------------------------
+    def load(self, state: LoopState) -> dict[str, Any]:
+        self.before("load", 0)
+        for sub in ("data", "rejected", "work", "models"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        return {"round": 0, "generated_total": 0, "auprc": [], "stop_reason": None}
+
+    def probe(self, state: LoopState) -> dict[str, Any]:
+        r = state["round"]
+        self.before("probe", r)
+        self.engine.probe(self.rows(r - 1)[0])
+        return {}
+
+    def coverage(self, state: LoopState) -> dict[str, Any]:
+        r = state["round"]
+        self.before("coverage", r)
+        report = self.engine.coverage(self.rows(r - 1)[0])
+        write_text_atomic(self.path("coverage", r, "json"), report.model_dump_json(indent=1))
+        return {"fac_before": report.fac, "fac": report.fac, "n_task": report.n_task,
+                "missing": [m.feature for m in report.missing]}
+
+    def interpret(self, state: LoopState) -> dict[str, Any]:
+        r = state["round"]
+        self.before("interpret", r)
+        report = CoverageReport.model_validate_json(self.path("coverage", r, "json").read_text())
+        if self.loop.focus != "data":
+            texts, labels = self.rows(r - 1)
+            if labels is None:
+                raise ValueError("model-centric focus needs labelled data")
+            chosen = self.engine.error_features(
+                texts, labels, self.dir / "models" / f"round-{r - 1}", self.loop.top)
+            if self.loop.focus == "both":
+                seen = {m.feature for m in chosen}
+                chosen += [m for m in report.missing if m.feature not in seen]
+            report = report.model_copy(update={"missing": chosen})
+        found = self.engine.interpret(report, self.loop.top)
+        write_text_atomic(self.path("features", r, "json"), found.model_dump_json(indent=1))
+        room = max(0, self.loop.budget - state.get("generated_total", 0))
+        targets = found.targets[: room // self.loop.per_feature]
+        return {"targets": [t.model_dump() for t in targets]}
+
+    def _gen_settings(self, r: int) -> GenerateSettings:
+        return GenerateSettings(per_feature=self.loop.per_feature, round=r,
+                                temperature=self.loop.temperature, seed=self.loop.seed * 1000 + r)
+
+    def _jobs(self, state: LoopState) -> tuple[list[Target], list[int]]:
+        gs = self._gen_settings(state["round"])
+        targets = [Target.model_validate(t) for t in state.get("targets", [])]
+        return targets, [job_seed(gs, t.feature, k) for t in targets
+                         for k in range(gs.per_feature)]
+
+    def generate(self, state: LoopState) -> dict[str, Any]:
+        r = state["round"]
+        self.before("generate", r)
+        targets, seeds = self._jobs(state)
+        journal = self.path("generated", r)
+        done = {s.provenance.seed for s in read_samples(journal, torn_ok=True)}
+        _truncate_torn_line(journal)
+        with journal.open("a", encoding="utf-8") as f:
+
+            def record(sample: Sample) -> None:
+                f.write(sample.model_dump_json() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+            self.engine.generate(targets, self._gen_settings(r), {s for s in done if s},
+                                 record)
+        return {"generated_total": state.get("generated_total", 0) + len(seeds)}
+
+    def verify(self, state: LoopState) -> dict[str, Any]:
+        r = state["round"]
+        self.before("verify", r)
+        _, seeds = self._jobs(state)
+        by_seed = {s.provenance.seed: s for s in read_samples(self.path("generated", r))}
+        lost = [s for s in seeds if s not in by_seed]
+        if lost:
+            raise RuntimeError(f"round {r}: {len(lost)} generated samples missing from the "
+                               "journal; rerun with --resume to generate them")
+        samples = [by_seed[s] for s in seeds]
+        report = self.engine.verify(samples, self.rows(r - 1)[0])
+        write_text_atomic(self.path("data", r), "".join(
+            v.sample.model_dump_json() + "\n" for v in report.kept))
+        write_text_atomic(self.path("rejected", r), "".join(
+            json.dumps({**v.sample.model_dump(), "reason": v.reason,
+                        "activation": round(v.activation, 4)}) + "\n" for v in report.rejected))
+        summary = VerifySummary(generated=len(samples), kept=len(report.kept),
+                                rejected=len(report.rejected), hit_rate=report.hit_rate,
+                                per_feature=report.per_feature)
+        write_text_atomic(self.path("verify", r, "json"), summary.model_dump_json(indent=1))
+        return {}
+
+    def train(self, state: LoopState) -> dict[str, Any]:
+        r = state["round"]
+        self.before("train", r)
+        texts, labels = self.rows(r)
+        if labels is None:
+            log.warning("the data has no labels: no detector is trained, metric stays empty")
+            return {}
+        self.engine.train(texts, labels, self.dir / "models" / f"round-{r}")
+        return {}
+
+    def evaluate(self, state: LoopState) -> dict[str, Any]:
+        r = state["round"]
+        self.before("evaluate", r)
+        texts, _ = self.rows(r)
+        metric = self.engine.evaluate(self.dir / "models" / f"round-{r}")
+        report = self.engine.coverage(texts)
+        summaries = self._summaries(r)
+        verified = (VerifySummary.model_validate_json(self.path("verify", r, "json").read_text())
+                    if r > 0 else None)
+        history = History.load(self.dir) if (self.dir / "history.json").exists() else History()
+        history.record(RoundRecord(
+            round=r, fac=report.fac, n_task=report.n_task, n_missing=len(report.missing),
+            missing=[MissingSummary(feature=m.feature, summary=summaries.get(m.feature, ""),
+                                    log_odds=m.log_odds) for m in report.missing],
+            generated=verified.generated if verified else 0,
+            kept=verified.kept if verified else 0,
+            rejected=verified.rejected if verified else 0,
+            hit_rate=verified.hit_rate if verified else 0.0,
+            per_feature=verified.per_feature if verified else {},
+            metric=Metric(auprc=metric.auprc, auroc=metric.auroc, best_f1=metric.best_f1)
+            if metric else None,
+            n_train=len(texts), seconds=round(time.monotonic() - self._started, 1),
+        ))
+        history.save(self.dir)
+        return {"fac": report.fac, "missing": [m.feature for m in report.missing],
+                "auprc": [*state.get("auprc", []), metric.auprc if metric else None]}
+
+    def _summaries(self, upto: int) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for r in range(1, upto + 1):
+            path = self.path("features", r, "json")
+            if path.exists():
+                found = Interpreted.model_validate_json(path.read_text())
+                out.update({f.record.feature: f.record.summary for f in found.features})
+        return out
+
+    def decide(self, state: LoopState) -> dict[str, Any]:
+        r = state["round"]
+        self.before("decide", r)
+        reason = decide(state, self.loop)
+        history = History.load(self.dir)
+        record = next(x for x in history.rounds if x.round == r)
+        record.stop_reason = reason
+        history.save(self.dir)
+        self.on_round(record)
+        return {"stop_reason": reason} if reason else {"round": r + 1, "stop_reason": None}
+
+
+def read_samples(path: Path, torn_ok: bool = False) -> list[Sample]:
+    """Samples of a JSONL file; with `torn_ok`, a half-written last line (a process killed
+    mid-write) is ignored."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(Sample.model_validate_json(line))
+        except ValueError:
+            if torn_ok and i == len(lines) - 1:
+                break
+            raise
+    return out
+
+
+def _truncate_torn_line(path: Path) -> None:
+    """Drop a trailing partial line so appends start on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
