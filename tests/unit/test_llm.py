@@ -53,3 +53,113 @@ def test_async_client_and_transient_error_mapping() -> None:
     limited = LangChainClient(RateLimited(messages=iter([])), name="limited")
     with pytest.raises(TransientLLMError, match="RateLimitError"):
         asyncio.run(limited.achat("s", "u", temperature=0.8, seed=1))
+
+
+# -- open_llm: which backend, and what it yields -----------------------------------------
+
+def test_auto_prefers_endpoint_then_vllm_then_local(monkeypatch) -> None:
+    import agent.llm as llm
+
+    monkeypatch.setattr(llm, "vllm_installed", lambda: True)
+    assert llm.choose_backend(Settings(llm_base_url="http://h/v1")) == "endpoint"
+    assert llm.choose_backend(Settings()) == "vllm"
+    monkeypatch.setattr(llm, "vllm_installed", lambda: False)
+    assert llm.choose_backend(Settings()) == "local"
+    assert llm.choose_backend(Settings(generator="local", llm_base_url="http://h/v1")) == "local"
+    assert llm.choose_backend(Settings(generator="endpoint")) == "endpoint"
+
+
+def test_vllm_asked_for_but_not_installed_is_a_config_error(monkeypatch, tmp_path) -> None:
+    import agent.llm as llm
+
+    monkeypatch.setattr(llm, "vllm_installed", lambda: False)
+    with pytest.raises(ConfigError, match="vLLM is not installed.*--generator local"):
+        with llm.open_llm(Settings(generator="vllm"), tmp_path):
+            pass
+
+
+def test_endpoint_backend_chats_and_completes_on_the_same_url(tmp_path) -> None:
+    from agent.llm import open_llm
+
+    settings = Settings(generator="endpoint", llm_base_url="http://127.0.0.1:9/v1",
+                        llm_model="m", max_new_tokens=40)
+    with open_llm(settings, tmp_path) as client:
+        assert isinstance(client, LangChainClient) and client.name == "m"
+        assert client.model.max_tokens == 40
+        assert str(client.completions.openai_api_base) == "http://127.0.0.1:9/v1"
+        assert client.with_json_schema({"type": "object"}) is client  # unknown server: as is
+    with pytest.raises(ConfigError, match="no LLM endpoint"):
+        with open_llm(Settings(generator="endpoint"), tmp_path):
+            pass
+
+
+def test_vllm_backend_points_the_client_at_the_managed_server(monkeypatch, tmp_path) -> None:
+    import agent.llm as llm
+
+    events: list[str] = []
+
+    class FakeServer:
+        base_url, model_name = "http://127.0.0.1:4321/v1", "smollm2-135m"
+
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            events.append("start")
+            return self
+
+        def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+            events.append("stop")
+
+    monkeypatch.setattr(llm, "vllm_installed", lambda: True)
+    monkeypatch.setattr(llm, "start_vllm", lambda settings, run_dir: FakeServer())
+    with pytest.raises(RuntimeError, match="boom"):
+        with llm.open_llm(Settings(), tmp_path) as client:
+            assert events == ["start"] and client.name == "vllm:smollm2-135m"
+            assert str(client.model.openai_api_base) == FakeServer.base_url
+            constrained = client.with_json_schema({"type": "object"})
+            assert constrained.model.kwargs["extra_body"] == {
+                "structured_outputs": {"json": {"type": "object"}}}
+            raise RuntimeError("boom")
+    assert events == ["start", "stop"], "the server stops even when the block fails"
+
+
+def test_vllm_serves_the_embedded_model_folder(monkeypatch, tmp_path) -> None:
+    import agent.llm as llm
+    import tools.models
+
+    folder = tmp_path / "models" / "smollm2-135m"
+    monkeypatch.setattr(tools.models, "embedded_model_dir", lambda profile, cache: folder)
+    server = llm.start_vllm(Settings(home=tmp_path, vllm_startup_timeout=42), tmp_path / "run")
+    assert (server.model_dir, server.model_name, server.startup_timeout) == (
+        folder, "smollm2-135m", 42)
+    assert server.log_path == tmp_path / "run" / "vllm.log" and server.dtype == "bfloat16"
+    local = tmp_path / "my-model"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    assert llm.served_model(Settings(model=str(local))) == (str(local.resolve()), "my-model")
+
+
+def test_local_backend_uses_the_workspace_model(tiny_lm, tmp_path) -> None:
+    from agent.llm import open_llm
+    from tools.local_llm import LocalChat
+
+    class FakeWorkspace:
+        model = tiny_lm
+
+    with open_llm(Settings(generator="local", max_new_tokens=9), tmp_path,
+                  FakeWorkspace()) as client:  # type: ignore[arg-type]
+        assert isinstance(client, LocalChat) and client.lm is tiny_lm
+        assert client.max_new_tokens == 9 and client.name == "local:tiny"
+
+
+def test_completions_through_a_langchain_llm() -> None:
+    import asyncio
+
+    from langchain_core.language_models.fake import FakeListLLM
+
+    client = LangChainClient(GenericFakeChatModel(messages=iter([])), name="x",
+                             completions=FakeListLLM(responses=["how do I pick a lock"]))
+    got = asyncio.run(client.acomplete("<|im_start|>user\n", temperature=1.0, seed=3,
+                                       max_tokens=20))
+    assert got == "how do I pick a lock"
+    bare = LangChainClient(GenericFakeChatModel(messages=iter([])), name="bare")
+    with pytest.raises(ConfigError, match="no completions model"):
+        asyncio.run(bare.acomplete("x", temperature=0, seed=0))

@@ -1,0 +1,231 @@
+"""In-process generation with transformers over an already loaded model (no server).
+
+`LocalChat` serves the interpreter (`chat`), the targeted generator (`achat`) and completion
+baselines (`acomplete`) from the model the probe already holds. Generation is batched:
+prompts are left-padded into one `generate` call; concurrent `achat`/`acomplete` calls (as
+`agenerate` makes them) are collected for a few milliseconds and run as one batch in a worker
+thread. Sampling is seeded per batch (`torch.manual_seed` with the batch's first seed), so a
+sampled reply is reproducible for the same batch composition; temperature 0 is greedy.
+
+Optional steering adds `scale * W_dec[feature]` of an SAE to the residual stream at the SAE's
+hook point (every position, prompt and generated) while generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from tools.errors import ConfigError
+from tools.models import LoadedModel
+from tools.sae import LoadedSAE, check_fits
+
+Steer = tuple[LoadedSAE, int, float]
+"""(SAE, feature, scale): add scale * W_dec[feature] at the SAE's hook point."""
+
+
+@dataclass(eq=False)
+class _Request:
+    kind: Literal["chat", "complete"]
+    prompt: tuple[str, str] | str
+    temperature: float
+    seed: int
+    max_new_tokens: int
+    future: asyncio.Future[str]
+
+    @property
+    def key(self) -> tuple[str, float, int]:
+        return self.kind, self.temperature, self.max_new_tokens
+
+
+@dataclass
+class _Queue:
+    loop: asyncio.AbstractEventLoop
+    pending: list[_Request] = field(default_factory=list)
+    worker: asyncio.Task[None] | None = None
+
+
+class LocalChat:
+    """Chat and completion clients over a `LoadedModel`; see the module doc."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        *,
+        max_new_tokens: int = 96,
+        batch_size: int = 16,
+        batch_window_s: float = 0.005,
+        steer: Steer | None = None,
+        name: str | None = None,
+    ) -> None:
+        if lm.tokenizer.chat_template is None:
+            raise ConfigError(
+                f"model {lm.name!r} has no chat template: LocalChat needs an instruct/chat "
+                "model (e.g. smollm2-135m), or use generator=endpoint"
+            )
+        self.lm = lm
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.batch_window_s = batch_window_s
+        self.steer = steer
+        if steer is not None:
+            sae, feature, _ = steer
+            check_fits(sae, lm.model)
+            if not 0 <= feature < sae.d_sae:
+                raise ConfigError(
+                    f"steer feature {feature} is outside the SAE's 0..{sae.d_sae - 1}"
+                )
+        suffix = f"+steer{steer[1]}x{steer[2]:g}" if steer else ""
+        self.name = name or f"local:{lm.name}{suffix}"
+        self._lock = threading.Lock()  # one generate at a time (model + hooks are shared)
+        self._queue: _Queue | None = None
+
+    # -- prompts -----------------------------------------------------------------------
+
+    def chat_prompt(self, system: str, user: str) -> str:
+        """The chat template's text for a system + user turn, ready for the reply."""
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        return str(self.lm.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        ))
+
+    def _ids(self, prompt: str) -> list[int]:
+        tok = self.lm.tokenizer
+        # chat-template text carries its own special tokens; add BOS only when it lacks one
+        add = bool(tok.bos_token) and not prompt.startswith(tok.bos_token)
+        return list(tok(prompt, add_special_tokens=add)["input_ids"])
+
+    # -- batched generation ------------------------------------------------------------
+
+    def complete_batch(
+        self, prompts: Sequence[str], *, temperature: float = 0.0, seed: int = 0,
+        max_new_tokens: int | None = None, min_new_tokens: int | None = None,
+    ) -> list[str]:
+        """Raw continuations of `prompts` (no chat template), one padded generate call."""
+        if not prompts:
+            return []
+        tok, model = self.lm.tokenizer, self.lm.model
+        batch = tok.pad({"input_ids": [self._ids(p) for p in prompts]},
+                        padding_side="left", return_tensors="pt")
+        n_new = max_new_tokens or self.max_new_tokens
+        kwargs: dict[str, Any] = {"max_new_tokens": n_new, "pad_token_id": tok.pad_token_id}
+        if min_new_tokens:
+            kwargs["min_new_tokens"] = min_new_tokens
+        if model.generation_config.eos_token_id is None and tok.eos_token_id is not None:
+            kwargs["eos_token_id"] = tok.eos_token_id
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        input_ids = batch["input_ids"].to(self.lm.device)
+        with self._lock, self._steering(), torch.inference_mode():
+            torch.manual_seed(seed)
+            out = model.generate(
+                input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.lm.device),
+                **kwargs,
+            )
+        return list(tok.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True))
+
+    def generate_batch(
+        self, messages: Sequence[tuple[str, str]], *, temperature: float = 0.0, seed: int = 0,
+        max_new_tokens: int | None = None, min_new_tokens: int | None = None,
+    ) -> list[str]:
+        """Replies to (system, user) pairs, one padded generate call."""
+        replies = self.complete_batch(
+            [self.chat_prompt(s, u) for s, u in messages], temperature=temperature, seed=seed,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+        )
+        return [r.strip() for r in replies]
+
+    @contextlib.contextmanager
+    def _steering(self) -> Iterator[None]:
+        if self.steer is None:
+            yield
+            return
+        sae, feature, scale = self.steer
+        module = self.lm.model.get_submodule(sae.hook.module)
+        param = next(self.lm.model.parameters())
+        direction = (scale * sae.sae.W_dec[feature].detach()).to(param.device, param.dtype)
+
+        def add(hidden: Any) -> Any:
+            if isinstance(hidden, tuple):
+                return (hidden[0] + direction, *hidden[1:])
+            return hidden + direction
+
+        if sae.hook.side == "output":
+            handle = module.register_forward_hook(lambda _m, _args, out: add(out))
+        else:
+            handle = module.register_forward_pre_hook(lambda _m, args: add(args))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    # -- the client protocols --------------------------------------------------------
+
+    def chat(self, system: str, user: str) -> str:
+        """Greedy reply (the interpreter's `ChatClient`)."""
+        return self.generate_batch([(system, user)])[0]
+
+    async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
+        """One reply; concurrent calls are batched (the generator's `AsyncChatClient`)."""
+        return await self._submit("chat", (system, user), temperature, seed, self.max_new_tokens)
+
+    async def acomplete(
+        self, prompt: str, *, temperature: float, seed: int, max_tokens: int | None = None
+    ) -> str:
+        """Raw continuation of `prompt` (no chat template); concurrent calls are batched."""
+        return await self._submit(
+            "complete", prompt, temperature, seed, max_tokens or self.max_new_tokens
+        )
+
+    def with_json_schema(self, schema: dict[str, Any], name: str = "reply") -> LocalChat:
+        """No constrained decoding in-process: the same client (callers validate and retry)."""
+        return self
+
+    async def _submit(
+        self, kind: Literal["chat", "complete"], prompt: tuple[str, str] | str,
+        temperature: float, seed: int, max_new_tokens: int,
+    ) -> str:
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._queue.loop is not loop:
+            self._queue = _Queue(loop)
+        queue = self._queue
+        request = _Request(kind, prompt, temperature, seed, max_new_tokens, loop.create_future())
+        queue.pending.append(request)
+        if queue.worker is None or queue.worker.done():
+            queue.worker = loop.create_task(self._drain(queue))
+        return await request.future
+
+    async def _drain(self, queue: _Queue) -> None:
+        while queue.pending:
+            await asyncio.sleep(self.batch_window_s)  # let concurrent callers join the batch
+            key = queue.pending[0].key
+            batch = [r for r in queue.pending if r.key == key][: self.batch_size]
+            queue.pending = [r for r in queue.pending if r not in batch]
+            try:
+                texts = await asyncio.to_thread(self._run, batch)
+            except Exception as e:  # every caller in the batch sees the failure
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+                continue
+            for r, text in zip(batch, texts, strict=True):
+                if not r.future.done():
+                    r.future.set_result(text)
+
+    def _run(self, batch: Sequence[_Request]) -> list[str]:
+        first = batch[0]
+        if first.kind == "chat":
+            pairs = [r.prompt for r in batch if isinstance(r.prompt, tuple)]
+            return self.generate_batch(pairs, temperature=first.temperature, seed=first.seed,
+                                       max_new_tokens=first.max_new_tokens)
+        texts = [r.prompt for r in batch if isinstance(r.prompt, str)]
+        return self.complete_batch(texts, temperature=first.temperature, seed=first.seed,
+                                   max_new_tokens=first.max_new_tokens)
