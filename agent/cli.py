@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -490,3 +491,183 @@ def features_search(
     for r, s in hits:
         table.add_row(str(r.feature), f"{s:.2f}", r.summary)
     out.print(table)
+
+
+class RunConfig(BaseModel):
+    """What `facsynth improve` was started with: `--resume` rebuilds the run from it."""
+
+    anchor: str
+    data: str
+    eval: str | None = None
+    eval_frac: float = 0.25
+    text_field: str = "text"
+    label_field: str = "label"
+    settings: dict[str, Any] = {}
+    loop: dict[str, Any] = {}
+    detector: dict[str, Any] = {}
+    relevance: str = "auto"
+
+
+def _load_run_inputs(cfg: RunConfig) -> tuple[Any, Any, Any]:
+    """(anchor, data, eval): without --eval, a fixed stratified share of the anchor is held
+    out for evaluation and never used as anchor."""
+    from tools.data import TextDataset, load_texts
+    from tools.subsets import stratified_split
+
+    anchor = load_texts(cfg.anchor, text_field=cfg.text_field, label_field=cfg.label_field,
+                        require_labels=True)
+    data = load_texts(cfg.data, text_field=cfg.text_field, label_field=cfg.label_field)
+    if cfg.eval:
+        ev = load_texts(cfg.eval, text_field=cfg.text_field, label_field=cfg.label_field,
+                        require_labels=True)
+        return anchor, data, ev
+    assert anchor.labels is not None
+    keep, held = stratified_split(anchor.labels, cfg.eval_frac, seed=0)
+
+    def part(idx: Any, name: str) -> TextDataset:
+        return TextDataset(texts=[anchor.texts[i] for i in idx],
+                           labels=[anchor.labels[i] for i in idx],  # type: ignore[index]
+                           source=f"{anchor.source} ({name})")
+
+    return part(keep, "anchor part"), data, part(held, f"held-out {cfg.eval_frac:.0%}")
+
+
+@app.command()
+def improve(
+    run_dir: Annotated[Path | None, typer.Option(help="where the run lives (new folder)")] = None,
+    anchor: Annotated[Path | None, typer.Option(help="labelled rows representing the task")] = None,
+    data: Annotated[Path | None, typer.Option(help="the training data to improve")] = None,
+    eval_path: Annotated[
+        Path | None, typer.Option("--eval", help="held-out labelled rows for the detector metric "
+                                  "(default: a stratified 25% of the anchor, kept out of it)")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="continue the run in this folder where it stopped")
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="synthesis rounds at most")] = 3,
+    budget: Annotated[int, typer.Option(help="generated samples at most, all rounds")] = 400,
+    top: Annotated[int, typer.Option(help="missing features targeted per round")] = 10,
+    per_feature: Annotated[int, typer.Option(help="samples per targeted feature")] = 2,
+    epsilon: Annotated[float, typer.Option(help="stop when FAC gains less than this")] = 0.01,
+    focus: Annotated[
+        str, typer.Option(help="data (features absent from the data), model (over-represented "
+                          "in the detector's errors on anchor rows) or both")
+    ] = "data",
+    detector: Annotated[str, typer.Option(help="probe (fast) or lora (the paper's)")] = "probe",
+    relevance: RelevanceOpt = "auto",
+    generator: GeneratorOpt = None,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    seed: int = 0,
+) -> None:
+    """Self-improvement rounds: coverage -> interpret -> generate -> verify -> train ->
+    evaluate, until FAC gains level off. Kill it any time; `--resume RUN_DIR` continues."""
+    from agent.graph import LoopSettings
+
+    with _errors():
+        if resume is not None:
+            path = resume / "config.json"
+            if not path.exists():
+                raise ConfigError(f"{path} not found: {resume} is not a facsynth improve run")
+            cfg = _read_model(path, RunConfig, "improve")
+            run = resume
+        else:
+            if run_dir is None or anchor is None or data is None:
+                raise ConfigError("give --anchor, --data and --run-dir (or --resume RUN_DIR)")
+            if (run_dir / "config.json").exists():
+                raise ConfigError(f"{run_dir} already holds a run: continue it with --resume "
+                                  f"{run_dir}, or choose another --run-dir")
+            given = {"model": model, "sae": sae, "generator": generator}
+            cfg = RunConfig(
+                anchor=str(anchor), data=str(data), eval=str(eval_path) if eval_path else None,
+                relevance=relevance,
+                settings={k: v for k, v in given.items() if v is not None},
+                loop=LoopSettings(max_rounds=rounds, budget=budget, top=top, seed=seed,
+                                  per_feature=per_feature, epsilon=epsilon,
+                                  focus=focus).model_dump(),  # type: ignore[arg-type]
+                detector={"kind": detector},
+            )
+            run = run_dir
+            _settings(**cfg.settings)  # validate before writing anything
+            write_text_atomic(run / "config.json", cfg.model_dump_json(indent=1))
+        state = _run_loop(run, cfg, resume is not None)
+    out.print(f"[bold]stopped after round {state.get('round')}:[/] {state.get('stop_reason')}; "
+              f"FAC {state.get('fac', 0):.3f}. Report: facsynth report {run}")
+
+
+def _run_loop(run: Path, cfg: RunConfig, resuming: bool) -> dict[str, Any]:
+    from pydantic import ValidationError
+
+    from agent.engine import Engine
+    from agent.graph import LoopSettings, build, checkpointer, thread
+    from agent.llm import open_llm
+    from agent.steps import Steps
+    from agent.workspace import Workspace
+    from tools.detector import DetectorSettings
+
+    settings = _settings(**cfg.settings)
+    try:
+        loop = LoopSettings.model_validate(cfg.loop)
+        det = DetectorSettings.model_validate(cfg.detector)
+    except ValidationError as e:
+        raise ConfigError(f"invalid improve options: {e.errors()[0]['msg']}") from None
+    if cfg.relevance not in ("label", "llm", "auto"):
+        raise ConfigError(f"--relevance {cfg.relevance!r}: use label, llm or auto")
+    anchor, data, ev = _load_run_inputs(cfg)
+    ws = Workspace(settings)
+    started = time.monotonic()
+
+    def before(node: str, r: int) -> None:
+        logging.getLogger("facsynth").info("round %d: %s", r, node)
+        if err.is_terminal:
+            err.print(f"[dim]round {r} · {node}[/]", end="\r")
+
+    prev: dict[str, float] = {}
+
+    def on_round(rec: Any) -> None:
+        gain = f" ({rec.fac - prev['fac']:+.3f})" if "fac" in prev else ""
+        metric = f", AUPRC {rec.metric.auprc:.3f}" if rec.metric else ""
+        made = (f", kept {rec.kept}/{rec.generated} (hit {rec.hit_rate:.0%})"
+                if rec.round else "")
+        out.print(f"round {rec.round}: FAC {rec.fac:.3f}{gain}, {rec.n_missing} missing{made}"
+                  f"{metric}, {rec.n_train} rows  [{time.monotonic() - started:.0f}s]")
+        prev["fac"] = rec.fac
+
+    bars = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
+    )
+
+    def progress(what: str, total: int) -> Callable[[int], None]:
+        for old in list(bars.task_ids):
+            bars.remove_task(old)
+        task = bars.add_task(what, total=total)
+        return lambda n: bars.advance(task, n)
+
+    with open_llm(settings, run, ws) as llm, bars:
+        engine = Engine(ws, anchor, ev, llm, detector=det,
+                        relevance=cfg.relevance, seed=loop.seed,  # type: ignore[arg-type]
+                        progress=progress)
+        steps = Steps(run, engine, loop, data, before=before, on_round=on_round)
+        graph = build(steps, checkpointer(run))
+        config = thread(run)
+        if resuming:
+            snap = graph.get_state(config)
+            if not snap.next:
+                if snap.values:
+                    return dict(snap.values)  # finished already
+                return dict(graph.invoke({}, config))
+            return dict(graph.invoke(None, config))
+        return dict(graph.invoke({}, config))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="an improve run folder")],
+) -> None:
+    """Write RUN_DIR/report.html (+ charts) from the run's history."""
+    from tools.report import write_report
+
+    with _errors():
+        path = write_report(run_dir)
+    out.print(f"report written to {path}")

@@ -34,6 +34,9 @@ class LoopSettings(BaseModel):
                           "metric (AUPRC on the eval set)")
     top: int = Field(10, ge=1, description="missing features targeted per round")
     per_feature: int = Field(2, ge=1, description="samples generated per targeted feature")
+    per_round: int | None = Field(None, ge=1, description="generated samples per round at most")
+    fill: bool = Field(False, description="raise per_feature so each round spends per_round "
+                       "even when few features are missing")
     temperature: float = Field(0.8, ge=0, le=2)
     focus: Literal["data", "model", "both"] = Field(
         "data", description="missing features: absent from the data (data), over-represented "
@@ -49,6 +52,7 @@ class LoopState(TypedDict, total=False):
     n_task: int
     missing: list[int]
     targets: list[dict[str, Any]]
+    per_feature: int
     generated_total: int
     auprc: list[float | None]
     stop_reason: str | None

@@ -138,15 +138,22 @@ class Steps:
         found = self.engine.interpret(report, self.loop.top)
         write_text_atomic(self.path("features", r, "json"), found.model_dump_json(indent=1))
         room = max(0, self.loop.budget - state.get("generated_total", 0))
-        targets = found.targets[: room // self.loop.per_feature]
-        return {"targets": [t.model_dump() for t in targets]}
+        if self.loop.per_round is not None:
+            room = min(room, self.loop.per_round)
+        per = self.loop.per_feature
+        if self.loop.fill and found.targets:
+            per = max(per, room // len(found.targets))
+        targets = found.targets[: room // per]
+        return {"targets": [t.model_dump() for t in targets], "per_feature": per}
 
-    def _gen_settings(self, r: int) -> GenerateSettings:
-        return GenerateSettings(per_feature=self.loop.per_feature, round=r,
-                                temperature=self.loop.temperature, seed=self.loop.seed * 1000 + r)
+    def _gen_settings(self, state: LoopState) -> GenerateSettings:
+        r = state["round"]
+        return GenerateSettings(per_feature=state.get("per_feature", self.loop.per_feature),
+                                round=r, temperature=self.loop.temperature,
+                                seed=self.loop.seed * 1000 + r)
 
     def _jobs(self, state: LoopState) -> tuple[list[Target], list[int]]:
-        gs = self._gen_settings(state["round"])
+        gs = self._gen_settings(state)
         targets = [Target.model_validate(t) for t in state.get("targets", [])]
         return targets, [job_seed(gs, t.feature, k) for t in targets
                          for k in range(gs.per_feature)]
@@ -165,8 +172,8 @@ class Steps:
                 f.flush()
                 os.fsync(f.fileno())
 
-            self.engine.generate(targets, self._gen_settings(r), {s for s in done if s},
-                                 record)
+            self.engine.generate(targets, self._gen_settings(state),
+                                 {s for s in done if s is not None}, record)
         return {"generated_total": state.get("generated_total", 0) + len(seeds)}
 
     def verify(self, state: LoopState) -> dict[str, Any]:

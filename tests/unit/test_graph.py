@@ -201,3 +201,9 @@ def test_decide_rules() -> None:
     assert "budget" in decide({**base, "generated_total": 50}, loop)  # type: ignore[arg-type]
     assert "AUPRC" in decide({**base, "auprc": [0.5, 0.45]}, loop)  # type: ignore[arg-type]
     assert decide({**base, "round": 0, "fac": 0.5}, loop) is None  # type: ignore[arg-type]
+
+
+def test_per_round_budget_filled_by_raising_per_feature(tmp_path: Path) -> None:
+    loop = LOOP.model_copy(update={"per_round": 20, "fill": True, "max_rounds": 1, "top": 4})
+    state = run(tmp_path, FakeEngine(), loop)
+    assert state["per_feature"] == 5 and state["generated_total"] == 20
