@@ -17,12 +17,20 @@ from memory.feature_memory import FeatureRecord
 from tools.coverage import CoverageReport, Span, feature_thresholds
 from tools.data import TextDataset
 from tools.generate import AsyncChatClient, GenerateSettings, Target, agenerate
-from tools.interpret import LOW_SCORE, ChatClient, interpret_features, score_interpretation
+from tools.interpret import (
+    LOW_SCORE,
+    ChatClient,
+    LLMOutputError,
+    interpret_features,
+    score_interpretation,
+)
 from tools.relevance import Agreement, Relevance, agreement, judge_feature, keep
 from tools.verify import Sample, VerifyReport, verify
 
 log = logging.getLogger(__name__)
 
+FALLBACK = "fallback-top-span"
+"""prompt_version of a feature described by its top span because the LLM gave no summary"""
 SpanFn = Callable[[Sequence[int], int], dict[int, list[Span]]]
 
 
@@ -37,7 +45,8 @@ class Feature(BaseModel):
 class Interpreted(BaseModel):
     relevance: Relevance
     features: list[Feature]
-    failed: list[int] = Field(default_factory=list, description="no valid LLM answer")
+    failed: list[int] = Field(
+        default_factory=list, description="no valid LLM summary: described by the top span")
     agreement: Agreement | None = None
 
     @property
@@ -67,10 +76,14 @@ def interpret_missing(
     for f, rec in records.items():
         changed = False
         if relevance != "label" and "llm" not in rec.relevance:
-            answer = judge_feature(rec.summary, rec.spans, client)
-            rec.relevance["llm"] = answer.verdict
-            rec.relevance["llm_reason"] = answer.reason
-            changed = True
+            try:
+                answer = judge_feature(rec.summary, rec.spans, client)
+            except LLMOutputError as e:
+                log.warning("feature %d: no relevance verdict (%s)", f, e)
+            else:
+                rec.relevance["llm"] = answer.verdict
+                rec.relevance["llm_reason"] = answer.reason
+                changed = True
         if score_with and "detection" not in rec.scores and rec.interpretable:
             texts, finder = score_with
             held_out = [s.text for s in finder([f], len(rec.spans) + 3)[f][len(rec.spans):]]
@@ -82,6 +95,16 @@ def interpret_missing(
         if changed:
             updated.append(rec)
     ws.memory.put_many(updated)
+    failed = [m.feature for m in missing if m.feature not in records]
+    for m in missing:
+        if m.feature not in records and m.spans:
+            # The LLM gave no valid summary (small models often don't): describe the feature
+            # by its strongest span instead, so generation can still aim at it. Not stored
+            # in memory, so a better LLM interprets it later.
+            records[m.feature] = FeatureRecord(
+                feature=m.feature, summary=f'text like "{m.spans[0].text.strip()}"',
+                spans=[s.text for s in m.spans], prompt_version=FALLBACK,
+            )
     features = [
         Feature(
             record=records[m.feature], log_odds=m.log_odds,
@@ -93,7 +116,7 @@ def interpret_missing(
     verdicts = [f.record.relevance["llm"] for f in features if "llm" in f.record.relevance]
     return Interpreted(
         relevance=relevance, features=features,
-        failed=[m.feature for m in missing if m.feature not in records],
+        failed=failed,
         agreement=agreement(verdicts) if verdicts else None,
     )
 

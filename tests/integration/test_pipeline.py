@@ -81,3 +81,24 @@ def test_chain_on_demo_data(ws: Workspace) -> None:
     assert result.kept, "echoed top spans activate their feature"
     for v in result.kept:
         assert v.activation > 0 and v.sample.provenance.feature in result.per_feature
+
+
+class MuddledLLM(EchoLLM):
+    """Never produces valid JSON (like a 135M model on a bad day)."""
+
+    def chat(self, system: str, user: str) -> str:
+        self.calls += 1
+        return "Sure! The feature is about {stuff"
+
+
+def test_invalid_llm_answers_fall_back_to_spans(ws: Workspace) -> None:
+    from agent.pipeline import FALLBACK
+
+    anchor = load_texts(EXAMPLES / "anchor.jsonl", require_labels=True)
+    report = ws.coverage(anchor, load_texts(EXAMPLES / "seed.jsonl"))
+    ws.__dict__["memory"] = InMemoryFeatureMemory(bag_of_words)
+    found = interpret_missing(report, MuddledLLM(), ws, limit=2, relevance="auto")
+    assert found.failed == [m.feature for m in report.missing[:2]]
+    assert all(f.targeted and f.record.prompt_version == FALLBACK for f in found.features)
+    assert found.features[0].record.summary.startswith('text like "')
+    assert len(ws.memory) == 0, "fallbacks are not remembered"
