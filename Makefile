@@ -24,9 +24,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# the main job: two self-improvement rounds on the demo data, then the report
 demo: setup
-	$(BIN)/facsynth coverage --anchor examples/anchor.jsonl --data examples/seed.jsonl \
-		--json runs/demo/coverage.json
+	rm -rf runs/demo
+	$(BIN)/facsynth improve --anchor examples/anchor.jsonl --data examples/seed.jsonl \
+		--run-dir runs/demo --rounds 2 --top 8 --per-feature 3
+	$(BIN)/facsynth report runs/demo
 
 lint: setup
 	$(BIN)/ruff check .
