@@ -1,22 +1,48 @@
-"""Downstream detectors and their metrics.
+"""Downstream detectors and their metrics: two kinds behind one interface.
 
-`probe` detector: a class-balanced logistic regression on frozen features of the model
-(the mean layer residual the probe already stores per text), standardised. It is the
-fast default the coverage experiments and the loop use to score a training set.
+`probe` (the fast default): a standardised, class-balanced logistic regression on frozen
+features of the model, namely the mean layer residual the probe already stores per text
+(`ProbeResult.pooled()`). Callers pass those feature matrices; texts are not used.
+
+`lora` (the paper's detector): LoRA sequence classification on the causal LM itself
+(peft, rank 8 on q_proj/v_proj, the classification head trained in full), class-balanced
+cross-entropy, AdamW with linear decay. It reads texts; features are not used.
+
+    det = fit_detector(settings, train_texts, train_y, features=x_train,
+                       model_folder=folder, seed=seed, out_dir=run / "detector")
+    metrics = evaluate(det.score(test_texts, features=x_test), test_y)
+    det = load_detector(run / "detector")
+
+Heavy libraries (sklearn, torch, transformers, peft) are imported lazily so settings
+objects can import `DetectorSettings` cheaply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import logging
+import math
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
-from pydantic import BaseModel
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
+from pydantic import BaseModel, ConfigDict, Field
 
-from tools.errors import DataError
+from tools.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+    from sklearn.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+"""Called as progress(done, total) with optimizer steps done of all steps."""
+
+MANIFEST = "detector.json"
+PROBE_FILE = "probe.joblib"
 
 
 class Metrics(BaseModel):
@@ -27,23 +53,49 @@ class Metrics(BaseModel):
     n_positive: int
 
 
-def train_probe_detector(
-    x: np.ndarray, y: Sequence[int] | np.ndarray, *, c: float = 0.1, seed: int = 0
-) -> Pipeline:
-    """Fit standardise + balanced logistic regression on [n, d] features."""
-    labels = np.asarray(y)
-    if len(set(labels.tolist())) < 2:
-        raise DataError("a detector needs both positive (1) and negative (0) training rows")
-    model = make_pipeline(
-        StandardScaler(),
-        LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed),
-    )
-    model.fit(x, labels)
-    return model
+class DetectorSettings(BaseModel):
+    """Which detector and its hyper-parameters (`c` for probe; the rest for lora)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["probe", "lora"] = "probe"
+    c: float = Field(0.1, gt=0, description="probe: inverse L2 strength of the regression")
+    lora_r: int = Field(8, ge=1, description="lora: adapter rank")
+    lora_alpha: int = Field(16, ge=1, description="lora: adapter scale numerator")
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lr: float = Field(5e-5, gt=0, description="lora: peak learning rate (linear decay)")
+    epochs: int = Field(3, ge=1)
+    max_length: int = Field(512, ge=2, description="lora: tokens per text (truncated)")
+    batch_size: int = Field(8, ge=1, description="lora: texts per step (and per scoring batch)")
+
+    @property
+    def needs_features(self) -> bool:
+        """True when fit/score need the precomputed feature matrix (probe kind)."""
+        return self.kind == "probe"
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """A fitted detector. `score` returns positive-class probabilities, one per row."""
+
+    kind: str
+    settings: DetectorSettings
+
+    def score(
+        self, texts: Sequence[str] | None = None, *, features: np.ndarray | None = None
+    ) -> np.ndarray: ...
+
+    def save(self, out_dir: Path) -> Path: ...
+
+
+# --- metrics -----------------------------------------------------------------------------
 
 
 def evaluate(scores: np.ndarray, y: Sequence[int] | np.ndarray) -> Metrics:
     """AUPRC (average precision), AUROC and best F1 of scores against 0/1 labels."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
     labels = np.asarray(y)
     precision, recall, _ = precision_recall_curve(labels, scores)
     f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall + 1e-12), 0)
@@ -56,5 +108,368 @@ def evaluate(scores: np.ndarray, y: Sequence[int] | np.ndarray) -> Metrics:
     )
 
 
+def summarize(metrics: Sequence[Metrics]) -> dict[str, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single run) over seeds."""
+    if not metrics:
+        raise ValueError("summarize needs at least one Metrics")
+    out: dict[str, float] = {"n_seeds": float(len(metrics))}
+    for name in ("auprc", "auroc", "best_f1"):
+        values = np.array([getattr(m, name) for m in metrics], dtype=np.float64)
+        out[f"{name}_mean"] = float(values.mean())
+        out[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return out
+
+
+def _check_labels(y: Sequence[int] | np.ndarray, n: int | None = None) -> np.ndarray:
+    labels = np.asarray(y)
+    if n is not None and len(labels) != n:
+        raise DataError(f"{len(labels)} labels for {n} training rows")
+    values = set(labels.tolist())
+    if not values <= {0, 1}:
+        raise DataError(f"detector labels must be 0 or 1, got {sorted(values)[:5]}")
+    if len(values) < 2:
+        raise DataError("a detector needs both positive (1) and negative (0) training rows")
+    return labels.astype(np.int64)
+
+
+# --- probe: logistic regression on frozen features -------------------------------------
+
+
+def train_probe_detector(
+    x: np.ndarray, y: Sequence[int] | np.ndarray, *, c: float = 0.1, seed: int = 0
+) -> Pipeline:
+    """Fit standardise + balanced logistic regression on [n, d] features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    labels = _check_labels(y, len(x))
+    model = make_pipeline(
+        StandardScaler(),
+        LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed),
+    )
+    model.fit(x, labels)
+    return model
+
+
 def score(model: Pipeline, x: np.ndarray) -> np.ndarray:
     return np.asarray(model.predict_proba(x)[:, 1])
+
+
+class ProbeDetector:
+    kind = "probe"
+
+    def __init__(self, pipeline: Pipeline, settings: DetectorSettings) -> None:
+        self.pipeline = pipeline
+        self.settings = settings
+
+    def score(
+        self, texts: Sequence[str] | None = None, *, features: np.ndarray | None = None
+    ) -> np.ndarray:
+        if features is None:
+            raise ConfigError("the probe detector scores feature rows: pass features=")
+        if texts is not None and len(texts) != len(features):
+            raise DataError(f"{len(texts)} texts but {len(features)} feature rows")
+        if len(features) == 0:
+            return np.zeros(0, dtype=np.float64)
+        return score(self.pipeline, np.asarray(features))
+
+    def save(self, out_dir: Path) -> Path:
+        import joblib
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        joblib.dump(self.pipeline, out_dir / PROBE_FILE)
+        _write_manifest(out_dir, self.settings, {})
+        return out_dir
+
+
+# --- lora: LoRA sequence classification on the causal LM -------------------------------
+
+
+def _autocast(device: torch.device) -> Any:
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _load_base(model_folder: str, device: torch.device, seed: int) -> tuple[Any, Any]:
+    """(sequence classifier with a fresh 2-way head, tokenizer) from a causal-LM folder."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from tools.errors import ModelError
+
+    verbosity = hf_logging.get_verbosity()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_folder)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        torch.manual_seed(seed)  # the head's initialisation
+        # bf16 weights on GPUs (trained under autocast, trainable params in fp32)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        # the head ("score") is new by design: silence the load report's MISSING table
+        # (real load errors still raise)
+        hf_logging.set_verbosity_error()
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_folder, num_labels=2, dtype=dtype
+        )
+    except OSError as e:
+        raise ModelError(f"cannot load {model_folder} as a sequence classifier: {e}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # the head reads the last non-pad token of each row
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return [list(row) if len(row) else [fallback] for row in ids]
+
+
+def _collate(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _train_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of similar length (less padding): shuffle, sort within chunks of
+    50 batches, cut, shuffle the batches (like transformers' group_by_length)."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = 50 * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: lengths[i], reverse=True)
+        batches += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class LoraDetector:
+    kind = "lora"
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        settings: DetectorSettings,
+        model_folder: str,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model  # peft PeftModelForSequenceClassification
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.model_folder = model_folder
+        self.extra = extra or {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device  # type: ignore[no-any-return]
+
+    def score(
+        self, texts: Sequence[str] | None = None, *, features: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Positive-class probabilities, batched by length, no grad (features ignored)."""
+        import torch
+
+        if texts is None:
+            raise ConfigError("the lora detector scores texts: pass texts")
+        if not len(texts):
+            return np.zeros(0, dtype=np.float64)
+        ids = _tokenize(self.tokenizer, texts, self.settings.max_length)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = np.zeros(len(ids), dtype=np.float64)
+        device = self.device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode(), _autocast(device):
+                for start in range(0, len(order), self.settings.batch_size):
+                    idx = order[start : start + self.settings.batch_size]
+                    x, mask = _collate([ids[i] for i in idx], self.tokenizer.pad_token_id)
+                    logits = self.model(
+                        input_ids=x.to(device), attention_mask=mask.to(device)
+                    ).logits
+                    prob = torch.softmax(logits.float(), dim=-1)[:, 1]
+                    out[idx] = prob.cpu().numpy()
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def save(self, out_dir: Path) -> Path:
+        """The adapter (LoRA weights + trained head, peft format) and the manifest."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out_dir)
+        _write_manifest(out_dir, self.settings, {"model_folder": self.model_folder, **self.extra})
+        return out_dir
+
+
+def train_lora_detector(
+    texts: Sequence[str],
+    y: Sequence[int] | np.ndarray,
+    *,
+    model_folder: str | Path,
+    settings: DetectorSettings | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> LoraDetector:
+    """Fine-tune LoRA adapters + a 2-way head with class-balanced cross-entropy."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from tools.models import pick_device
+
+    s = settings or DetectorSettings(kind="lora")
+    labels = _check_labels(y, len(texts))
+    dev = pick_device(device)
+    folder = str(model_folder)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    base, tokenizer = _load_base(folder, dev, seed)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=s.lora_r,
+        lora_alpha=s.lora_alpha,
+        lora_dropout=s.lora_dropout,
+        target_modules=list(s.lora_targets),
+    )
+    torch.manual_seed(seed)  # the adapters' initialisation
+    model = get_peft_model(base, config)
+    model.to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # optimizer state and updates in fp32 even over bf16 weights
+        p.data = p.data.float()
+
+    ids = _tokenize(tokenizer, texts, s.max_length)
+    counts = np.bincount(labels, minlength=2)
+    # sklearn's "balanced": n / (2 * n_class)
+    weight = torch.tensor(len(labels) / (2.0 * counts), dtype=torch.float32, device=dev)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    steps_per_epoch = math.ceil(len(ids) / s.batch_size)
+    total = steps_per_epoch * s.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
+    y_t = torch.from_numpy(labels)
+    lengths = [len(r) for r in ids]
+    done = 0
+    model.train()
+    for epoch in range(s.epochs):
+        running = 0.0
+        for batch in _train_batches(lengths, s.batch_size, rng):
+            x, mask = _collate([ids[i] for i in batch], tokenizer.pad_token_id)
+            with _autocast(dev):
+                logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev)).logits
+            loss = loss_fn(logits.float(), y_t[batch].to(dev))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            running += float(loss.detach())
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        log.info("lora epoch %d/%d: mean loss %.4f", epoch + 1, s.epochs, running / steps_per_epoch)
+    model.eval()
+    extra = {"seed": seed, "n_train": len(labels), "n_positive": int(counts[1])}
+    return LoraDetector(model, tokenizer, s, folder, extra)
+
+
+def load_lora_detector(
+    folder: Path, settings: DetectorSettings, model_folder: str, device: str = "auto"
+) -> LoraDetector:
+    from peft import PeftModel
+
+    from tools.models import pick_device
+
+    dev = pick_device(device)
+    base, tokenizer = _load_base(model_folder, dev, 0)
+    model = PeftModel.from_pretrained(base, str(folder))
+    model.to(dev)
+    model.eval()
+    return LoraDetector(model, tokenizer, settings, model_folder)
+
+
+# --- one interface -------------------------------------------------------------------------
+
+
+def _write_manifest(out_dir: Path, settings: DetectorSettings, extra: dict[str, Any]) -> None:
+    manifest = {"version": 1, "settings": settings.model_dump(mode="json"), **extra}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def fit_detector(
+    settings: DetectorSettings,
+    texts: Sequence[str] | None,
+    labels: Sequence[int] | np.ndarray,
+    *,
+    features: np.ndarray | None = None,
+    model_folder: str | Path | None = None,
+    seed: int = 0,
+    out_dir: Path | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> Detector:
+    """Train the detector `settings.kind` names; save it to out_dir when given.
+
+    probe: needs `features` ([n, d], e.g. `ProbeResult.pooled()`); texts may be None.
+    lora: needs `texts` and `model_folder` (a transformers causal-LM folder or hub id).
+    """
+    det: Detector
+    if settings.kind == "probe":
+        if features is None:
+            raise ConfigError("the probe detector trains on feature rows: pass features=")
+        if texts is not None and len(texts) != len(features):
+            raise DataError(f"{len(texts)} texts but {len(features)} feature rows")
+        pipeline = train_probe_detector(np.asarray(features), labels, c=settings.c, seed=seed)
+        det = ProbeDetector(pipeline, settings)
+    else:
+        if texts is None:
+            raise ConfigError("the lora detector trains on texts: pass texts")
+        if model_folder is None:
+            raise ConfigError("the lora detector needs model_folder (the causal LM to adapt)")
+        det = train_lora_detector(
+            texts, labels, model_folder=model_folder, settings=settings, seed=seed,
+            device=device, progress=progress,
+        )
+    if out_dir is not None:
+        det.save(out_dir)
+    return det
+
+
+def load_detector(
+    folder: Path, *, model_folder: str | Path | None = None, device: str = "auto"
+) -> Detector:
+    """A detector saved by `save`; `model_folder` overrides the lora base model's path."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        raise DataError(f"{path} is missing: not a saved detector")
+    manifest = json.loads(path.read_text())
+    settings = DetectorSettings.model_validate(manifest["settings"])
+    if settings.kind == "probe":
+        import joblib
+
+        return ProbeDetector(joblib.load(folder / PROBE_FILE), settings)
+    base = str(model_folder) if model_folder is not None else manifest.get("model_folder")
+    if base is None:
+        raise DataError(f"{path} names no model_folder: pass model_folder=")
+    return load_lora_detector(folder, settings, base, device)
