@@ -114,12 +114,34 @@ class LangChainClient:
     def with_json_schema(self, schema: dict[str, Any], name: str = "reply") -> LangChainClient:
         """A client whose `chat` replies are constrained to `schema` on a vLLM backend
         (vLLM's `structured_outputs.json`; the OpenAI SDK's `response_format` path would raise
-        on a reply cut at max_tokens instead of letting the caller retry). Other backends: self."""
+        on a reply cut at max_tokens instead of letting the caller retry). Other backends: self.
+
+        A small model fills free-text fields until max_tokens cuts the object open, so strings
+        without a bound get `maxLength` JSON_MAX_CHARS and the reply JSON_MAX_TOKENS tokens."""
         if self.structured != "vllm":
             return self
-        bound = self.model.bind(extra_body={"structured_outputs": {"json": schema}})
+        bound = self.model.bind(
+            max_tokens=JSON_MAX_TOKENS,
+            extra_body={"structured_outputs": {"json": bounded_strings(schema, JSON_MAX_CHARS)}},
+        )
         return LangChainClient(bound, self.name, completions=self.completions,
                                structured=self.structured)
+
+
+JSON_MAX_CHARS = 300
+JSON_MAX_TOKENS = 256
+
+
+def bounded_strings(schema: Any, max_chars: int) -> Any:
+    """A copy of a JSON schema in which every string without maxLength (or enum) has one."""
+    if isinstance(schema, list):
+        return [bounded_strings(s, max_chars) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bounded_strings(v, max_chars) for k, v in schema.items()}
+    if out.get("type") == "string" and "maxLength" not in out and "enum" not in out:
+        out["maxLength"] = max_chars
+    return out
 
 
 def make_chat_model(settings: Settings, temperature: float = 0.0) -> Any:
@@ -134,7 +156,7 @@ def make_chat_model(settings: Settings, temperature: float = 0.0) -> Any:
     return ChatOpenAI(
         base_url=settings.llm_base_url, model=settings.llm_model, api_key=_key(settings),
         temperature=temperature, timeout=settings.llm_timeout, max_retries=settings.llm_retries,
-        max_tokens=settings.max_new_tokens,
+        max_tokens=settings.max_new_tokens, http_async_client=_async_http(settings),
     )
 
 
@@ -146,7 +168,19 @@ def make_completion_model(settings: Settings) -> Any:
     return OpenAI(
         base_url=settings.llm_base_url, model=settings.llm_model or "", api_key=_key(settings),
         temperature=0.0, timeout=settings.llm_timeout, max_retries=settings.llm_retries,
-        max_tokens=settings.max_new_tokens,
+        max_tokens=settings.max_new_tokens, http_async_client=_async_http(settings),
+    )
+
+
+def _async_http(settings: Settings) -> Any:
+    """An async HTTP client that keeps no idle connections. langchain-openai's default one is
+    shared process-wide and pools connections bound to the event loop that opened them, so a
+    second `asyncio.run` (the next generation round) fails with 'Event loop is closed'."""
+    import httpx
+
+    return httpx.AsyncClient(
+        timeout=settings.llm_timeout,
+        limits=httpx.Limits(max_connections=256, max_keepalive_connections=0),
     )
 
 

@@ -60,7 +60,11 @@ def parse_json(reply: str, schema: type[M]) -> M:
 
 def ask_json(client: ChatClient, system: str, user: str, schema: type[M], retries: int = 2) -> M:
     """Ask until the reply is a valid `schema` object; invalid replies are sent back with
-    the validation problem, up to `retries` times."""
+    the validation problem, up to `retries` times. A client with `with_json_schema(schema,
+    name)` (agent.llm: vLLM's structured outputs) is asked for schema-constrained replies."""
+    constrain = getattr(client, "with_json_schema", None)
+    if constrain is not None:
+        client = constrain(schema.model_json_schema(), schema.__name__)
     problem = ""
     for attempt in range(retries + 1):
         ask = user if not problem else (

