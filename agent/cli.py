@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agent.config import Settings
+from agent.runs import RunConfig
+from agent.runs import build_settings as _settings
 from tools.data import write_text_atomic
 from tools.errors import ConfigError, FacsynthError
 
@@ -39,20 +39,6 @@ DeltaOpt = Annotated[
 ]
 TextField = Annotated[str, typer.Option(help="name of the text column")]
 LabelField = Annotated[str, typer.Option(help="name of the 0/1 label column")]
-
-
-def _settings(**overrides: Any) -> Settings:
-    from pydantic import ValidationError
-
-    given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return Settings(**given)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()
-        )
-        raise ConfigError(f"invalid settings (flags, FACSYNTH_* env or facsynth.toml): "
-                          f"{problems}") from None
 
 
 @app.callback()
@@ -493,45 +479,6 @@ def features_search(
     out.print(table)
 
 
-class RunConfig(BaseModel):
-    """What `facsynth improve` was started with: `--resume` rebuilds the run from it."""
-
-    anchor: str
-    data: str
-    eval: str | None = None
-    eval_frac: float = 0.25
-    text_field: str = "text"
-    label_field: str = "label"
-    settings: dict[str, Any] = {}
-    loop: dict[str, Any] = {}
-    detector: dict[str, Any] = {}
-    relevance: str = "auto"
-
-
-def _load_run_inputs(cfg: RunConfig) -> tuple[Any, Any, Any]:
-    """(anchor, data, eval): without --eval, a fixed stratified share of the anchor is held
-    out for evaluation and never used as anchor."""
-    from tools.data import TextDataset, load_texts
-    from tools.subsets import stratified_split
-
-    anchor = load_texts(cfg.anchor, text_field=cfg.text_field, label_field=cfg.label_field,
-                        require_labels=True)
-    data = load_texts(cfg.data, text_field=cfg.text_field, label_field=cfg.label_field)
-    if cfg.eval:
-        ev = load_texts(cfg.eval, text_field=cfg.text_field, label_field=cfg.label_field,
-                        require_labels=True)
-        return anchor, data, ev
-    assert anchor.labels is not None
-    keep, held = stratified_split(anchor.labels, cfg.eval_frac, seed=0)
-
-    def part(idx: Any, name: str) -> TextDataset:
-        return TextDataset(texts=[anchor.texts[i] for i in idx],
-                           labels=[anchor.labels[i] for i in idx],  # type: ignore[index]
-                           source=f"{anchor.source} ({name})")
-
-    return part(keep, "anchor part"), data, part(held, f"held-out {cfg.eval_frac:.0%}")
-
-
 @app.command()
 def improve(
     run_dir: Annotated[Path | None, typer.Option(help="where the run lives (new folder)")] = None,
@@ -596,25 +543,8 @@ def improve(
 
 
 def _run_loop(run: Path, cfg: RunConfig, resuming: bool) -> dict[str, Any]:
-    from pydantic import ValidationError
+    from agent.runs import run_loop
 
-    from agent.engine import Engine
-    from agent.graph import LoopSettings, build, checkpointer, thread
-    from agent.llm import open_llm
-    from agent.steps import Steps
-    from agent.workspace import Workspace
-    from tools.detector import DetectorSettings
-
-    settings = _settings(**cfg.settings)
-    try:
-        loop = LoopSettings.model_validate(cfg.loop)
-        det = DetectorSettings.model_validate(cfg.detector)
-    except ValidationError as e:
-        raise ConfigError(f"invalid improve options: {e.errors()[0]['msg']}") from None
-    if cfg.relevance not in ("label", "llm", "auto"):
-        raise ConfigError(f"--relevance {cfg.relevance!r}: use label, llm or auto")
-    anchor, data, ev = _load_run_inputs(cfg)
-    ws = Workspace(settings)
     started = time.monotonic()
 
     def before(node: str, r: int) -> None:
@@ -644,21 +574,8 @@ def _run_loop(run: Path, cfg: RunConfig, resuming: bool) -> dict[str, Any]:
         task = bars.add_task(what, total=total)
         return lambda n: bars.advance(task, n)
 
-    with open_llm(settings, run, ws) as llm, bars:
-        engine = Engine(ws, anchor, ev, llm, detector=det,
-                        relevance=cfg.relevance, seed=loop.seed,  # type: ignore[arg-type]
-                        progress=progress)
-        steps = Steps(run, engine, loop, data, before=before, on_round=on_round)
-        graph = build(steps, checkpointer(run))
-        config = thread(run)
-        if resuming:
-            snap = graph.get_state(config)
-            if not snap.next:
-                if snap.values:
-                    return dict(snap.values)  # finished already
-                return dict(graph.invoke({}, config))
-            return dict(graph.invoke(None, config))
-        return dict(graph.invoke({}, config))
+    with bars:
+        return run_loop(run, cfg, resuming, before=before, on_round=on_round, progress=progress)
 
 
 @app.command()
@@ -671,3 +588,65 @@ def report(
     with _errors():
         path = write_report(run_dir)
     out.print(f"report written to {path}")
+
+
+# -- chat and MCP server (agent/chat.py, agent/mcp_server.py over agent/toolbox.py) ----------
+
+RootOpt = Annotated[
+    Path, typer.Option(help="workspace root: every path the tools read or write stays inside it")
+]
+
+
+@app.command()
+def chat(
+    root: RootOpt = Path("."),
+    session: Annotated[
+        str | None, typer.Option(help="continue this conversation (its id is printed at start)")
+    ] = None,
+    message: Annotated[
+        list[str] | None,
+        typer.Option("--message", "-m", help="send these messages in order, then exit"),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="confirm long tools without asking")] = False,
+    generator: GeneratorOpt = None,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+) -> None:
+    """Talk to an agent that measures coverage, explains missing features, generates samples
+    and runs improve rounds for you (needs a tool-calling endpoint or the managed vLLM)."""
+    from agent import chat as chat_agent
+
+    with _errors():
+        settings = _settings(model=model, sae=sae, generator=generator)
+        chat_agent.main(settings, root, out, err, session_id=session, messages=message, yes=yes)
+
+
+@app.command()
+def serve(
+    root: RootOpt = Path("."),
+    http: Annotated[
+        str | None, typer.Option(help="serve streamable HTTP on HOST:PORT instead of stdio "
+                                 "(e.g. 127.0.0.1:8765; path /mcp)")
+    ] = None,
+    allow_remote: Annotated[
+        bool, typer.Option(help="allow a non-loopback --http address")
+    ] = False,
+    token: Annotated[
+        str | None, typer.Option(envvar="FACSYNTH_MCP_TOKEN", show_default=False,
+                                 help="bearer token HTTP clients must send (env "
+                                 "FACSYNTH_MCP_TOKEN)")
+    ] = None,
+    max_concurrent: Annotated[int, typer.Option(help="tool calls running at once")] = 2,
+    generator: GeneratorOpt = None,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+) -> None:
+    """Serve the facsynth tools over MCP (stdio by default) for other agents."""
+    from agent.mcp_server import serve as run_server
+    from agent.toolbox import Toolbox
+
+    with _errors():
+        settings = _settings(model=model, sae=sae, generator=generator)
+        with Toolbox(settings, root) as box:
+            run_server(box, http=http, allow_remote=allow_remote, token=token,
+                       max_concurrent=max_concurrent)

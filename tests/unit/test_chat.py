@@ -1,0 +1,234 @@
+"""The chat agent: a scripted tool-calling model drives an "improve my toxicity dataset"
+session on the demo data (embedded model, echo LLM): tool calls, confirmations (interrupt ->
+resume), rows written, a tool error mid-session, declining, and resuming a session by id."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+
+from agent.chat import ChatSession, Event, build_graph, make_tools, sessions, system_prompt
+from agent.config import Settings
+from agent.toolbox import Toolbox
+from agent.workspace import Workspace
+from memory.feature_memory import InMemoryFeatureMemory
+from tests.integration.test_pipeline import EchoLLM
+from tests.unit.test_feature_memory import bag_of_words
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+Step = AIMessage | str | Callable[[list[BaseMessage]], AIMessage | str]
+
+
+class ScriptedModel(GenericFakeChatModel):
+    """Replies from a script; a step may be a function of the conversation so far (to use
+    what a tool returned). bind_tools returns self; streaming yields one chunk that carries
+    the tool calls (GenericFakeChatModel's own stream drops them)."""
+
+    messages: Iterator[AIMessage | str] = iter(())
+    script: list[Any] = []
+    seen: list[list[BaseMessage]] = []
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> ScriptedModel:
+        return self
+
+    def _generate(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
+                  **kwargs: Any) -> ChatResult:
+        self.seen.append(list(messages))
+        step = self.script.pop(0)
+        reply = step(messages) if callable(step) else step
+        msg = AIMessage(reply) if isinstance(reply, str) else reply
+        return ChatResult(generations=[ChatGeneration(message=msg)])
+
+    def _stream(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
+                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        msg = self._generate(messages).generations[0].message
+        assert isinstance(msg, AIMessage)
+        chunk = ChatGenerationChunk(message=AIMessageChunk(
+            content=msg.content, id=msg.id, chunk_position="last",
+            tool_call_chunks=[{"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"],
+                               "index": i, "type": "tool_call_chunk"}
+                              for i, c in enumerate(msg.tool_calls)]))
+        if run_manager:
+            run_manager.on_llm_new_token(str(msg.content), chunk=chunk)
+        yield chunk
+
+
+def calls(*specs: tuple[str, dict[str, Any]]) -> AIMessage:
+    return AIMessage("", tool_calls=[{"name": n, "args": a, "id": f"call-{n}-{i}"}
+                                     for i, (n, a) in enumerate(specs)])
+
+
+def last_result(messages: list[BaseMessage], tool: str) -> dict[str, Any]:
+    msg = next(m for m in reversed(messages) if isinstance(m, ToolMessage) and m.name == tool)
+    return json.loads(str(msg.content))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("root")
+    for name in ("anchor.jsonl", "seed.jsonl"):
+        shutil.copy(EXAMPLES / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def box(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Toolbox:
+    """The embedded model (its converted copy shared with the user's cache), a fresh
+    activation cache, an in-memory feature memory and an echo LLM."""
+    home = tmp_path_factory.mktemp("home")
+    shared = Settings().home / "models"
+    shared.mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(shared, target_is_directory=True)
+    settings = Settings(home=home)
+    ws = Workspace(settings)
+    ws.__dict__["memory"] = InMemoryFeatureMemory(bag_of_words)
+    return Toolbox(settings, root, workspace=ws, llm=EchoLLM())
+
+
+def run_turn(session: ChatSession, text: str, answer: bool = True) -> list[Event]:
+    """One user turn, answering every confirmation with `answer`."""
+    events = list(session.send(text))
+    seen = list(events)
+    while asked := [e for e in events if e.kind == "confirm"]:
+        events = list(session.answer({e.data["id"]: answer for e in asked}))
+        seen += events
+    return seen
+
+
+def graph_for(box: Toolbox, model: ScriptedModel) -> Any:
+    tools = make_tools(box)
+    return build_graph(model, tools, system_prompt(box, tools), sessions(box.root))
+
+
+def test_improve_session_on_the_demo_data(box: Toolbox, root: Path) -> None:
+    def explain_top(messages: list[BaseMessage]) -> AIMessage:
+        top = last_result(messages, "coverage")["top_missing"][0]["feature"]
+        return calls(("explain_feature", {"anchor": "anchor.jsonl", "data": "seed.jsonl",
+                                          "feature": top}))
+
+    def generate_two(messages: list[BaseMessage]) -> AIMessage:
+        missing = last_result(messages, "coverage")["top_missing"]
+        return calls(("generate_and_verify", {
+            "anchor": "anchor.jsonl", "data": "seed.jsonl", "per_feature": 2,
+            "features": [missing[0]["feature"], missing[1]["feature"]],
+            "out": "synthetic.jsonl"}))
+
+    def summarise(messages: list[BaseMessage]) -> str:
+        got = last_result(messages, "generate_and_verify")
+        return f"Kept {got['kept']} of {got['generated']} samples."
+
+    model = ScriptedModel(script=[
+        calls(("describe_dataset", {"path": "seed.jsonl"})),
+        calls(("coverage", {"anchor": "anchor.jsonl", "data": "seed.jsonl", "top": 5})),
+        explain_top,
+        "Your data covers part of the task; the top missing feature is explained above.",
+        # turn 2: a wrong file first, then the generation (confirmed)
+        calls(("describe_dataset", {"path": "train.jsonl"})),
+        generate_two,
+        summarise,
+        # turn 3: one improve round (confirmed)
+        calls(("improve", {"anchor": "anchor.jsonl", "data": "seed.jsonl",
+                           "run_dir": "runs/chat", "rounds": 1, "top": 2, "per_feature": 2})),
+        "Round 1 is done.",
+    ])
+    session = ChatSession(graph_for(box, model))
+    first = run_turn(session, "Improve my toxicity dataset: seed.jsonl, anchor anchor.jsonl")
+    assert [e.name for e in first if e.kind == "tool_call"] == [
+        "describe_dataset", "coverage", "explain_feature"]
+    results = {e.name: e for e in first if e.kind == "tool_result"}
+    assert not any(e.data["error"] for e in results.values())
+    assert json.loads(results["describe_dataset"].text)["rows"] == 50
+    explained = json.loads(results["explain_feature"].text)
+    assert explained["relevance"]["missing"] and explained["spans"]
+    assert "".join(e.text for e in first if e.kind == "token").startswith("Your data covers")
+    assert "Workspace root" in str(model.seen[0][0].content), "the system prompt file is used"
+
+    second = run_turn(session, "Generate two samples each for the top two missing features")
+    errors = [e for e in second if e.kind == "tool_result" and e.data["error"]]
+    assert len(errors) == 1 and "train.jsonl" in errors[0].text and "no such file" in errors[0].text
+    asked = [e for e in second if e.kind == "confirm"]
+    assert len(asked) == 1 and asked[0].name == "generate_and_verify"
+    assert asked[0].data["samples"] == 4 and asked[0].data["seconds"] > 0
+    gen = json.loads(next(e.text for e in second
+                          if e.kind == "tool_result" and e.name == "generate_and_verify"))
+    assert gen["generated"] == 4 == gen["kept"] + gen["rejected"]
+    rows = (root / "synthetic.jsonl").read_text().splitlines()
+    assert len(rows) == gen["kept"] and all(json.loads(r)["provenance"]["feature"] in gen[
+        "features"] for r in rows)
+    assert len((root / "synthetic.rejected.jsonl").read_text().splitlines()) == gen["rejected"]
+    assert f"Kept {gen['kept']} of 4" in "".join(e.text for e in second if e.kind == "token")
+
+    third = run_turn(session, "Run one improvement round")
+    assert [e.name for e in third if e.kind == "confirm"] == ["improve"]
+    done = json.loads(next(e.text for e in third if e.kind == "tool_result"))
+    assert [r["round"] for r in done["rounds"]] == [0, 1] and done["stop_reason"]
+    assert (root / "runs" / "chat" / "data" / "round-1.jsonl").exists()
+    assert not model.script and not session.pending()
+
+
+def test_decline_then_resume_by_id(box: Toolbox, root: Path) -> None:
+    model = ScriptedModel(script=[
+        calls(("generate_and_verify", {"anchor": "anchor.jsonl", "data": "seed.jsonl",
+                                       "features": [1, 2], "out": "declined.jsonl"})),
+        lambda m: "OK, nothing generated." if "declined" in str(m[-1].content) else "??",
+        calls(("describe_dataset", {"path": "../outside.jsonl"})),
+        "That path is outside the workspace.",
+    ])
+    session = ChatSession(graph_for(box, model))
+    events = run_turn(session, "generate for features 1 and 2", answer=False)
+    assert [e.kind for e in events if e.kind in ("confirm", "tool_result")] == [
+        "confirm", "tool_result"]
+    assert json.loads(next(e.text for e in events if e.kind == "tool_result"))["cancelled"]
+    assert "".join(e.text for e in events if e.kind == "token") == "OK, nothing generated."
+    assert not (root / "declined.jsonl").exists()
+    refused = run_turn(session, "describe ../outside.jsonl")
+    assert "outside the workspace root" in next(e.text for e in refused
+                                                if e.kind == "tool_result")
+
+    # a new agent (new model, new connection to the same sqlite) continues the same thread
+    later = ScriptedModel(script=["Welcome back."])
+    again = ChatSession(graph_for(box, later), session.id)
+    assert again.exists and len(again.messages) == len(session.messages)
+    reply = run_turn(again, "where were we?")
+    assert "".join(e.text for e in reply if e.kind == "token") == "Welcome back."
+    history = [str(m.content) for m in later.seen[0]]
+    assert "generate for features 1 and 2" in history and "where were we?" in history
+    assert ChatSession(graph_for(box, later), "no-such-session").exists is False
+
+
+def test_langgraph_json_graphs_import_and_compile(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`langgraph dev` would load these: each entry imports and returns a compiled graph."""
+    import importlib.util
+
+    from langgraph.graph.state import CompiledStateGraph
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = json.loads((repo / "langgraph.json").read_text())
+    assert spec["dependencies"] == ["."] and set(spec["graphs"]) == {"improve", "chat"}
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("FACSYNTH_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("FACSYNTH_ROOT", str(root))
+    monkeypatch.setenv("FACSYNTH_LLM_BASE_URL", "http://127.0.0.1:9/v1")  # never contacted
+    monkeypatch.setenv("FACSYNTH_LLM_MODEL", "test")
+    nodes = {}
+    for name, ref in spec["graphs"].items():
+        file, attr = ref.split(":")
+        module_spec = importlib.util.spec_from_file_location(f"studio_{name}", repo / file)
+        assert module_spec and module_spec.loader
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        graph = getattr(module, attr)()
+        assert isinstance(graph, CompiledStateGraph)
+        nodes[name] = set(graph.get_graph().nodes)
+    assert {"load", "coverage", "generate", "verify", "decide"} <= nodes["improve"]
+    assert {"agent", "tools"} <= nodes["chat"]
