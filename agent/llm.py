@@ -250,7 +250,8 @@ def open_llm(
     server logs to `run_dir/vllm.log` and is stopped on leaving)."""
     backend = choose_backend(settings)
     if backend == "endpoint":
-        yield endpoint_client(settings)
+        kind: Literal["vllm"] | None = "vllm" if settings.llm_server == "vllm" else None
+        yield endpoint_client(settings, structured=kind)
     elif backend == "vllm":
         with start_vllm(settings, Path(run_dir)) as server:
             served = settings.model_copy(
