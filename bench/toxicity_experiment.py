@@ -16,7 +16,8 @@ Methods, each a detector trained on seed + its additions and scored on the held-
                the baseline synthesizers (tools/baselines.py) at `--budget` samples each
 
 Targeted methods label their samples 1 (they are asked for toxic messages); magpie's
-untargeted queries are labelled by the `full` detector (the same rule for every seed).
+untargeted queries are labelled by the detector trained on the seed set alone, so no method
+sees more labels than the seed's.
 FAC is every method's training set measured against the pool. Generated sets are cached in
 `--work` so a rerun only trains and scores. The last line is the Spearman correlation.
 """
@@ -100,6 +101,12 @@ class Scorer:
         return evaluate(scores, self.ev.labels), self.ws.coverage(self.pool, d).fac
 
 
+def label_with(scorer: Scorer, model: Any, samples: list[Sample]) -> list[Sample]:
+    d = TextDataset(texts=[x.text for x in samples], labels=None, source="magpie")
+    y = (model.score(d.texts, features=scorer.features(d)) >= 0.5).astype(int)
+    return [x.model_copy(update={"label": int(v)}) for x, v in zip(samples, y, strict=True)]
+
+
 def run_fac(ws: Workspace, llm: Any, pool: TextDataset, ev: TextDataset, seed_set: TextDataset,
             args: argparse.Namespace, run_dir: Path, seed: int) -> list[list[Sample]]:
     """The real improve graph for two rounds; returns the kept samples of rounds 1 and 2."""
@@ -179,23 +186,16 @@ def main() -> None:
                     added[method] = read_samples(path)
                     continue
                 t0 = time.monotonic()
-                labeler = None
-                if method == "magpie":
-                    full_model = scorer.fit(full, s)
-
-                    def labeler(texts: list[str], m: Any = full_model) -> list[int]:
-                        d = TextDataset(texts=list(texts), labels=None, source="magpie")
-                        return (m.score(texts, features=scorer.features(d)) >= 0.5).astype(
-                            int).tolist()
-
                 prefix = magpie_prefix(ws.model.tokenizer) if method == "magpie" else None
                 bs = BaselineSettings(seed=s, magpie_prefix=prefix, max_tokens=96)
                 samples = synthesize(method, seeds=positives, budget=args.budget,  # type: ignore[arg-type]
-                                     client=llm, settings=bs, labeler=labeler)
+                                     client=llm, settings=bs)
                 write_text_atomic(path, "".join(x.model_dump_json() + "\n" for x in samples))
                 added[method] = samples
                 print(f"  seed {s} {method}: {len(samples)} samples in "
                       f"{time.monotonic() - t0:.0f}s", flush=True)
+            if "magpie" in added:  # unlabelled queries: the seed detector labels them
+                added["magpie"] = label_with(scorer, scorer.fit(seed_set, s), added["magpie"])
             for method in args.methods:
                 data = full if method == "full" else plus(seed_set, added[method])
                 metrics, fac = scorer.score(data, s)
