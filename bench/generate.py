@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def run_hf(chat: LocalChat, messages: list[tuple[str, str]], batch: int, tokens:
     for i in range(0, len(messages), batch):
         chat.generate_batch(messages[i : i + batch], temperature=0.8, seed=i,
                             max_new_tokens=tokens, min_new_tokens=tokens)
+        if (i + batch) % 16 == 0:
+            print(f"    {i + batch}/{len(messages)} prompts, {time.perf_counter() - started:.0f} s",
+                  flush=True)
     return time.perf_counter() - started
 
 
@@ -99,18 +103,21 @@ def main() -> None:
 
     settings = Settings()
     messages = prompts(args.n)
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+          "(other processes on the machine skew every number)", flush=True)
     rows: list[tuple[str, float, int, float | None]] = []  # name, seconds, tokens, startup
     if not args.skip_hf:
         lm = load_model(settings.model, cache_dir=settings.home)
         chat = LocalChat(lm)
-        print(f"HF: {lm.name} on {lm.device}, {torch.get_num_threads()} torch threads")
+        print(f"HF: {lm.name} on {lm.device}, {torch.get_num_threads()} torch threads",
+              flush=True)
         chat.generate_batch(messages[:2], max_new_tokens=4)  # warm-up, not timed
         seconds = run_hf(chat, messages, 1, args.tokens)
         rows.append(("(a) HF one at a time", seconds, args.n * args.tokens, None))
-        print(f"  sequential: {seconds:.1f} s")
+        print(f"  sequential: {seconds:.1f} s", flush=True)
         seconds = run_hf(chat, messages, args.batch, args.tokens)
         rows.append((f"(b) HF batched ({args.batch})", seconds, args.n * args.tokens, None))
-        print(f"  batched: {seconds:.1f} s")
+        print(f"  batched: {seconds:.1f} s", flush=True)
         del chat, lm
 
     source, name = served_model(settings)
@@ -123,7 +130,7 @@ def main() -> None:
     with server:
         startup = time.perf_counter() - started
         flags = " ".join(server.vllm_command(server.port or 0)[3:])
-        print(f"vLLM ready after {startup:.1f} s: {flags}")
+        print(f"vLLM ready after {startup:.1f} s: {flags}", flush=True)
         served = settings.model_copy(update={"llm_base_url": server.base_url,
                                              "llm_model": server.model_name})
         model = make_chat_model(served)
@@ -132,6 +139,7 @@ def main() -> None:
                                                args.tokens))
     rows.append((f"(c) vLLM, {args.concurrency} in flight", seconds, tokens, startup))
 
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(f"\n{'backend':<28}{'tokens':>8}{'seconds':>10}{'tok/s':>9}{'start-up s':>12}")
     for label, seconds, tokens, start in rows:
         print(f"{label:<28}{tokens:>8}{seconds:>10.1f}{tokens / seconds:>9.1f}"

