@@ -12,6 +12,7 @@ Methods, each a detector trained on seed + its additions and scored on the held-
     full       all remaining pool rows
     fac        facsynth's improve loop, round 1 (`--budget` generated samples, verified)
     fac-r2     round 2 (another `--budget`; 2x the generation budget of the others)
+    fac-relabel  fac's kept samples labelled by the seed detector instead of "1"
     random, self-instruct, evol-instruct, magpie
                the baseline synthesizers (tools/baselines.py) at `--budget` samples each
 
@@ -58,7 +59,7 @@ from tools.subsets import stratified_split  # noqa: E402
 from tools.verify import Sample  # noqa: E402
 
 BASELINES = ["random", "self-instruct", "evol-instruct", "magpie"]
-METHODS = ["seed", "full", "fac", "fac-r2", *BASELINES]
+METHODS = ["seed", "full", "fac", "fac-r2", "fac-relabel", *BASELINES]
 
 
 def subset(d: TextDataset, idx: Any, name: str) -> TextDataset:
@@ -194,8 +195,11 @@ def main() -> None:
                 added[method] = samples
                 print(f"  seed {s} {method}: {len(samples)} samples in "
                       f"{time.monotonic() - t0:.0f}s", flush=True)
+            seed_model = scorer.fit(seed_set, s)
             if "magpie" in added:  # unlabelled queries: the seed detector labels them
-                added["magpie"] = label_with(scorer, scorer.fit(seed_set, s), added["magpie"])
+                added["magpie"] = label_with(scorer, seed_model, added["magpie"])
+            if "fac" in added:  # a weak generator misses the asked-for label: check it
+                added["fac-relabel"] = label_with(scorer, seed_model, added["fac"])
             for method in args.methods:
                 data = full if method == "full" else plus(seed_set, added[method])
                 metrics, fac = scorer.score(data, s)
