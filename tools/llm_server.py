@@ -63,6 +63,18 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _die_with_parent() -> None:
+    """In the server's process, before exec (Linux): ask the kernel to SIGTERM it when
+    facsynth dies, even by kill -9, when no cleanup of ours can run; vLLM's API server then
+    stops its engine processes itself."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ManagedVLLM:
     """Context manager running one vLLM server; see the module doc.
 
@@ -185,6 +197,7 @@ class ManagedVLLM:
             self._proc = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         atexit.register(self.stop)
         self._trap_sigterm()

@@ -189,7 +189,7 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("how", ["sigterm", "atexit"])
+@pytest.mark.parametrize("how", ["sigterm", "atexit", "sigkill"])
 def test_parent_sigterm_and_interpreter_exit_stop_the_server(tmp_path, fake, how) -> None:
     script = tmp_path / "fake_server.py"  # written by the fixture
     driver = tmp_path / "driver.py"
@@ -201,6 +201,14 @@ def test_parent_sigterm_and_interpreter_exit_stop_the_server(tmp_path, fake, how
         server_pid = int(parent.stdout.readline())
         pids = group_pids(server_pid)
         assert len(pids) == 2
+        if how == "sigkill":  # no cleanup of ours runs: the kernel's parent-death signal
+            os.kill(parent.pid, signal.SIGKILL)
+            parent.wait(timeout=30)
+            assert_gone([server_pid])
+            for pid in pids:  # the fake server leaves its child; vLLM stops its engine itself
+                if psutil.pid_exists(pid):
+                    psutil.Process(pid).kill()
+            return
         if how == "sigterm":
             os.kill(parent.pid, signal.SIGTERM)
         else:
