@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import Settings
-from agent.pipeline import interpret_missing, span_finder, verify_samples
 from agent.pipeline import generate as run_generate
+from agent.pipeline import interpret_missing, span_finder, verify_samples
 from agent.workspace import Workspace
 from memory.feature_memory import InMemoryFeatureMemory
 from tests.unit.test_feature_memory import bag_of_words
