@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,9 +34,10 @@ class Crash(Exception):
 
 
 class FakeEngine:
-    def __init__(self, crash_after_samples: int | None = None) -> None:
+    def __init__(self, crash_after_samples: int | None = None, delay: float = 0.0) -> None:
         self.interpreted: Counter[int] = Counter()
         self.crash_after = crash_after_samples
+        self.delay = delay
 
     def probe(self, texts: Sequence[str]) -> None:
         pass
@@ -72,6 +78,7 @@ class FakeEngine:
                 text = f"about <{t.feature}> #{seed}" if hit else f"off-topic #{seed}"
                 s = Sample.model_validate({"text": text, "label": 1, "provenance": {
                     "feature": t.feature, "round": settings.round, "seed": seed}})
+                time.sleep(self.delay)
                 on_sample(s)
                 out.append(s)
         return out
@@ -207,3 +214,22 @@ def test_per_round_budget_filled_by_raising_per_feature(tmp_path: Path) -> None:
     loop = LOOP.model_copy(update={"per_round": 20, "fill": True, "max_rounds": 1, "top": 4})
     state = run(tmp_path, FakeEngine(), loop)
     assert state["per_feature"] == 5 and state["generated_total"] == 20
+
+
+def test_kill_9_mid_generation_then_resume(
+    tmp_path: Path, reference: tuple[dict, dict[str, str]]
+) -> None:
+    root = Path(__file__).resolve().parents[2]
+    driver = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]); "
+              "from tests.unit.test_graph import FakeEngine, run; "
+              "run(Path(sys.argv[1]), FakeEngine(delay=0.3))")
+    proc = subprocess.Popen([sys.executable, "-c", driver, str(tmp_path), str(root)])
+    journal = tmp_path / "work" / "round-1.generated.jsonl"
+    deadline = time.monotonic() + 120
+    while not (journal.exists() and len(journal.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "driver ended early"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resume(tmp_path, FakeEngine())
+    assert final_data(tmp_path) == reference[1]
