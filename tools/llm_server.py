@@ -197,7 +197,9 @@ class ManagedVLLM:
             self._proc = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env, start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                # the kernel signals when the starting *thread* ends: main thread only
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux")
+                and threading.current_thread() is threading.main_thread() else None,
             )
         atexit.register(self.stop)
         self._trap_sigterm()
