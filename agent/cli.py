@@ -516,10 +516,7 @@ def improve(
 
     with _errors():
         if resume is not None:
-            path = resume / "config.json"
-            if not path.exists():
-                raise ConfigError(f"{path} not found: {resume} is not a facsynth improve run")
-            cfg = _read_model(path, RunConfig, "improve")
+            cfg = RunConfig.read(resume)
             run = resume
         else:
             if run_dir is None or anchor is None or data is None:
