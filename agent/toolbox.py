@@ -9,6 +9,12 @@ lazily built `Workspace` (model, SAE, caches, feature memory) and a lazily opene
 Paths: every path argument is resolved against the root (relative) or taken as given
 (absolute), with symlinks followed; anything that ends up outside the root is refused with
 `PathRefused`. Datasets must be existing files (never hub ids: nothing is downloaded here).
+Everything the tools write stays inside the root too: the state folder `ROOT/.facsynth`
+(coverage cache, chat sessions, the managed LLM server's log) must be a real folder in the
+root, not a symlink, and every state file goes through the same check (`state_path`); the
+folders the pipeline writes into by file name (the state folder, an improve run folder) are
+refused when a symlink inside them leads out of the root (`confine_tree`); files are
+replaced atomically through a random temp name (`tools.data.write_text_atomic`).
 
 Long tools (coverage, generate_and_verify, improve) take an optional progress callback
 `progress(message, done, total)`; `done` only grows within one call.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import statistics
 import threading
 import time
@@ -331,6 +338,9 @@ class Toolbox:
         self._llm_stack = contextlib.ExitStack()
         self._lock = threading.RLock()  # the model, SAE and caches: one user at a time
         self._reports: dict[tuple[str, str], tuple[str, CoverageReport]] = {}
+        if (self.root / STATE_DIR).exists() or (self.root / STATE_DIR).is_symlink():
+            # before anything (the chat's session store, the vLLM log) opens files in it
+            self.confine_tree(self.state_path())
 
     # -- resources ------------------------------------------------------------------------
 
@@ -342,7 +352,50 @@ class Toolbox:
 
     @property
     def state_dir(self) -> Path:
-        return self.root / STATE_DIR
+        """ROOT/.facsynth, checked by `state_path` (it may not exist yet)."""
+        return self.state_path()
+
+    def state_path(self, *parts: str) -> Path:
+        """ROOT/.facsynth/<parts...>, confined to the root: PathRefused when the state folder
+        is a symlink or not a folder, or when the path resolves outside the root."""
+        state = self.root / STATE_DIR
+        if state.is_symlink():
+            raise PathRefused(
+                f"{state}: the state folder is a symlink (to {os.readlink(state)}); facsynth "
+                "keeps its state (coverage cache, chat sessions, logs) in a real folder inside "
+                "the workspace root only: remove the link")
+        if state.exists() and not state.is_dir():
+            raise PathRefused(f"{state}: the state folder is not a folder; remove or move it")
+        return self.resolve(state.joinpath(*parts))
+
+    def confine_tree(self, top: Path) -> None:
+        """PathRefused when a symlink anywhere under the folder `top` (symlinked folders
+        inside the root included) leads out of the root: the pipeline writes files in such
+        folders by name (journals, models, reports) and would follow it."""
+        seen: set[Path] = set()
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            real = folder.resolve()
+            if real in seen:
+                continue
+            seen.add(real)
+            try:
+                entries = list(os.scandir(folder))
+            except (NotADirectoryError, FileNotFoundError):
+                continue
+            for entry in entries:
+                path = Path(entry.path)
+                if entry.is_symlink():
+                    try:
+                        self.resolve(path)
+                    except PathRefused:
+                        raise PathRefused(
+                            f"{path}: a symlink out of the workspace root {self.root} (to "
+                            f"{os.readlink(path)}); files facsynth writes must stay inside the "
+                            "root: remove the link") from None
+                if entry.is_dir():  # follows a symlink that stays inside the root
+                    stack.append(path)
 
     def _open_llm(self) -> Any:
         if self._llm_injected is not None:
@@ -351,6 +404,8 @@ class Toolbox:
             from agent.llm import open_llm
 
             self.state_dir.mkdir(parents=True, exist_ok=True)
+            self.confine_tree(self.state_dir)
+            self.state_path("vllm.log")  # a managed vLLM server appends its log there
             self._llm_open = self._llm_stack.enter_context(
                 open_llm(self.settings, self.state_dir, self.workspace))
         return self._llm_open
@@ -432,7 +487,7 @@ class Toolbox:
 
     def _cache_file(self, anchor: Path, data: Path) -> Path:
         key = hashlib.sha256(f"{anchor}\n{data}".encode()).hexdigest()[:16]
-        return self.state_dir / "coverage" / f"{key}.json"
+        return self.state_path("coverage", f"{key}.json")
 
     def _report(
         self, anchor: str, data: str, progress: ProgressFn | None = None
@@ -633,9 +688,13 @@ class Toolbox:
         out_path = self.resolve(out)
         if out_path.suffix != ".jsonl":
             raise ValueError(f"{out}: the output must be a .jsonl file")
-        rejected_path = out_path.with_name(out_path.stem + ".rejected.jsonl")
+        rejected_path = self.resolve(out_path.with_name(out_path.stem + ".rejected.jsonl"))
+        if rejected_path == out_path:
+            raise ValueError(f"{out}: its rejected-rows file {rejected_path.name} is the same "
+                             "file; choose another output")
         report, a, d, _, _ = self._report(anchor, data)
-        if out_path in {self.resolve(anchor), self.resolve(data)}:
+        inputs = {self.resolve(anchor), self.resolve(data)}
+        if out_path in inputs or rejected_path in inputs:
             raise ValueError(f"{out}: would overwrite an input dataset; choose another file")
         by_id = {m.feature: m for m in report.missing}
         wanted = list(dict.fromkeys(features))
@@ -716,6 +775,7 @@ class Toolbox:
         run = self.resolve(run_dir)
         if run == self.root:
             raise ValueError("run_dir: give a folder for the run, not the workspace root")
+        self.confine_tree(run)
         if resume:
             cfg = RunConfig.read(run)
         else:
@@ -754,6 +814,7 @@ class Toolbox:
         from tools.report import History, write_report
 
         run = self.resolve(run_dir, must_exist=True)
+        self.confine_tree(run)
         path = write_report(run)
         return RunReport(run_dir=self.rel(run), report_path=self.rel(path),
                          rounds=[_round_info(r) for r in History.load(run).rounds])
