@@ -36,3 +36,19 @@ def shared_file(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: tests on real data need ../shared/data beside the repo")
     return path
+
+
+@pytest.fixture
+def probed_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the batches that reach the model in `tools.probe` (cache misses)."""
+    from tools import probe as probe_mod
+
+    calls: list[int] = []
+    real = probe_mod.probe_batch
+
+    def counting(lm, saes, batch, sink):  # type: ignore[no-untyped-def]
+        calls.append(len(batch))
+        return real(lm, saes, batch, sink)
+
+    monkeypatch.setattr(probe_mod, "probe_batch", counting)
+    return calls

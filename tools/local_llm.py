@@ -4,8 +4,14 @@
 baselines (`acomplete`) from the model the probe already holds. Generation is batched:
 prompts are left-padded into one `generate` call; concurrent `achat`/`acomplete` calls (as
 `agenerate` makes them) are collected for a few milliseconds and run as one batch in a worker
-thread. Sampling is seeded per batch (`torch.manual_seed` with the batch's first seed), so a
-sampled reply is reproducible for the same batch composition; temperature 0 is greedy.
+thread. Sampling is seeded per request: each row draws its tokens from its own
+`torch.Generator` seeded with the request's seed (`_RowSampler`), so a reply depends only on
+its prompt, temperature and seed, not on which other requests share its batch: a sample
+regenerated alone after a kill (resume) equals the one first generated in a batch (up to
+floating-point differences between padded shapes, which could flip a draw that lands
+exactly on a probability boundary). Batching is kept; the cost is one small CPU
+`multinomial` per row and step (the probabilities are copied to the CPU), negligible
+beside the forward pass. Temperature 0 is greedy.
 
 Optional steering adds `scale * W_dec[feature]` of an SAE to the residual stream at the SAE's
 hook point (every position, prompt and generated) while generating.
@@ -28,6 +34,46 @@ from tools.sae import LoadedSAE, check_fits
 
 Steer = tuple[LoadedSAE, int, float]
 """(SAE, feature, scale): add scale * W_dec[feature] at the SAE's hook point."""
+
+
+class _RowSampler:
+    """Samples each row's next token with that row's own seeded generator.
+
+    Runs as the last logits processor of a greedy `generate` (after min-new-tokens, etc.):
+    it applies temperature, top-k and top-p, draws one token per row from a CPU
+    `torch.Generator` seeded with the row's seed, and returns scores that are -inf except
+    at the drawn token, which greedy decoding then picks. A row's draws thus depend only on
+    its own scores and seed; the global torch RNG is neither used nor advanced. (A plain
+    callable: `generate` takes any `(input_ids, scores) -> scores` as a logits processor.)
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_k: int, top_p: float):
+        from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = [
+            torch.Generator().manual_seed(s & 0xFFFF_FFFF_FFFF_FFFF) for s in seeds
+        ]
+        self.temperature = temperature
+        self.warpers: list[Any] = []
+        if top_k > 0:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise RuntimeError(f"{scores.shape[0]} rows but {len(self.generators)} seeds")
+        logits = scores.float() / self.temperature
+        for warp in self.warpers:
+            logits = warp(input_ids, logits)
+        probs = torch.softmax(logits, dim=-1).cpu()
+        picks = torch.cat([
+            torch.multinomial(probs[row], 1, generator=gen)
+            for row, gen in enumerate(self.generators)
+        ]).to(scores.device)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(picks), device=scores.device), picks] = 0.0
+        return out
 
 
 @dataclass(eq=False)
@@ -105,11 +151,19 @@ class LocalChat:
 
     def complete_batch(
         self, prompts: Sequence[str], *, temperature: float = 0.0, seed: int = 0,
+        seeds: Sequence[int] | None = None,
         max_new_tokens: int | None = None, min_new_tokens: int | None = None,
     ) -> list[str]:
-        """Raw continuations of `prompts` (no chat template), one padded generate call."""
+        """Raw continuations of `prompts` (no chat template), one padded generate call.
+
+        Sampling seeds each row on its own: row i uses `seeds[i]`, or `seed + i` when
+        `seeds` is not given; a row's reply does not depend on the other rows."""
         if not prompts:
             return []
+        if seeds is None:
+            seeds = [seed + i for i in range(len(prompts))]
+        elif len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         tok, model = self.lm.tokenizer, self.lm.model
         batch = tok.pad({"input_ids": [self._ids(p) for p in prompts]},
                         padding_side="left", return_tensors="pt")
@@ -119,13 +173,17 @@ class LocalChat:
             kwargs["min_new_tokens"] = min_new_tokens
         if model.generation_config.eos_token_id is None and tok.eos_token_id is not None:
             kwargs["eos_token_id"] = tok.eos_token_id
+        # greedy decoding; with temperature > 0 the per-row sampler makes the choice
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            config = model.generation_config  # the sampling defaults generate would use
+            kwargs["logits_processor"] = [_RowSampler(
+                seeds, temperature,
+                top_k=50 if config.top_k is None else int(config.top_k),
+                top_p=1.0 if config.top_p is None else float(config.top_p),
+            )]
         input_ids = batch["input_ids"].to(self.lm.device)
         with self._lock, self._steering(), torch.inference_mode():
-            torch.manual_seed(seed)
             out = model.generate(
                 input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.lm.device),
                 **kwargs,
@@ -134,12 +192,14 @@ class LocalChat:
 
     def generate_batch(
         self, messages: Sequence[tuple[str, str]], *, temperature: float = 0.0, seed: int = 0,
+        seeds: Sequence[int] | None = None,
         max_new_tokens: int | None = None, min_new_tokens: int | None = None,
     ) -> list[str]:
-        """Replies to (system, user) pairs, one padded generate call."""
+        """Replies to (system, user) pairs, one padded generate call (seeds as in
+        `complete_batch`)."""
         replies = self.complete_batch(
             [self.chat_prompt(s, u) for s, u in messages], temperature=temperature, seed=seed,
-            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            seeds=seeds, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
         )
         return [r.strip() for r in replies]
 
@@ -224,8 +284,10 @@ class LocalChat:
         first = batch[0]
         if first.kind == "chat":
             pairs = [r.prompt for r in batch if isinstance(r.prompt, tuple)]
-            return self.generate_batch(pairs, temperature=first.temperature, seed=first.seed,
+            return self.generate_batch(pairs, temperature=first.temperature,
+                                       seeds=[r.seed for r in batch],
                                        max_new_tokens=first.max_new_tokens)
         texts = [r.prompt for r in batch if isinstance(r.prompt, str)]
-        return self.complete_batch(texts, temperature=first.temperature, seed=first.seed,
+        return self.complete_batch(texts, temperature=first.temperature,
+                                   seeds=[r.seed for r in batch],
                                    max_new_tokens=first.max_new_tokens)

@@ -8,11 +8,13 @@ id or a local folder, loaded with `AutoModelForCausalLM.from_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,15 +107,16 @@ def _gguf_path(profile: ModelProfile) -> Path:
     return path
 
 
-def embedded_model_dir(profile: ModelProfile, cache_dir: Path) -> Path:
-    """The dense safetensors copy of an embedded GGUF model, created on first use."""
-    target = cache_dir / "models" / profile.name
-    if (target / "model.safetensors").exists():
-        return target
+Convert = Callable[[ModelProfile, Path], None]
+"""Writes a profile's dense model + tokenizer into an (empty, existing) folder."""
+
+
+def _convert_gguf(profile: ModelProfile, dest: Path) -> None:
+    """Dequantise the embedded GGUF into `dest` as safetensors (~20 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf_path(profile)
-    log.info("dequantising %s once into %s (takes ~20 s)", gguf.name, target)
+    log.info("dequantising %s once (takes ~20 s)", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -123,15 +126,69 @@ def embedded_model_dir(profile: ModelProfile, cache_dir: Path) -> Path:
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{profile.name}-", dir=target.parent))
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[bool]:
+    """Hold an exclusive flock on `lock_path` (blocks until free); yields whether a lock
+    is held (False without fcntl)."""
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a killed conversion leaves no half folder
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        import fcntl
+    except ImportError:  # not POSIX: the atomic rename below still keeps the folder whole
+        yield False
+        return
+    with lock_path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def embedded_model_dir(
+    profile: ModelProfile, cache_dir: Path, *, convert: Convert | None = None
+) -> Path:
+    """The dense safetensors copy of an embedded GGUF model, created on first use.
+
+    Safe when several processes start at once on a fresh cache dir: the conversion runs
+    under an exclusive lock (`.<name>.lock` beside the folder), so the others wait and
+    then load the finished copy; it writes into a unique temp folder that is renamed into
+    place, so a killed conversion never leaves a half folder (the next one clears such
+    leftovers), and if the target appeared anyway (a lock-less filesystem) the other
+    process's copy wins and ours is discarded. `convert` replaces the dequantisation
+    (tests)."""
+    target = cache_dir / "models" / profile.name
+    if _complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{profile.name}.tmp-"
+    with _exclusive(target.parent / f".{profile.name}.lock") as locked:
+        if _complete(target):  # another process converted it while we waited
+            return target
+        if locked:  # nobody else is converting: clear what killed conversions left
+            for stale in target.parent.glob(prefix + "*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if target.exists():  # an incomplete folder (not written by this code)
+                shutil.rmtree(target)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        try:
+            (convert or _convert_gguf)(profile, tmp)
+            log.info("saved the dense copy of %s in %s", profile.name, target)
+            try:
+                os.replace(tmp, target)  # atomic
+            except OSError:
+                if not _complete(target):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another process won: use theirs
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return target
 
 

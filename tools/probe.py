@@ -6,6 +6,12 @@ sink, whose residual norm is an outlier) and, when texts are wrapped in the chat
 template, every template token. Texts are bucketed by length, the forward pass stops
 at the hooked layer (no later blocks, no LM head), and every text's sparse activations
 land in the content-addressed activation cache, so unchanged rows are never re-probed.
+
+A text with no counted token (a one-token text: its only token is position 0; an empty
+text; a text that is all template) still gets a record: `n_tokens` tokens, no active
+feature, and a mean residual of zeros (d_model): the mean over no tokens is undefined,
+and zeros keep `ProbeResult.pooled()` finite and rectangular for the detector. Such texts
+skip the forward pass and are cached like any other.
 """
 
 from __future__ import annotations
@@ -80,7 +86,8 @@ def encode(tokenizer: object, texts: Sequence[str], settings: ProbeSettings) -> 
         end = start + len(text)
         # A token counts when it lies inside the text itself (not the template).
         counted = np.array([s >= start and e <= end and e > s for s, e in offs], dtype=bool)
-        counted[0] = False  # attention sink
+        if len(counted):
+            counted[0] = False  # attention sink
         truncated = len(ids) > settings.max_tokens
         ids, offs, counted = (
             ids[: settings.max_tokens],
@@ -189,20 +196,51 @@ def residuals(
 def _encode_chunked(sae: LoadedSAE, x: torch.Tensor) -> torch.Tensor:
     # Bound the dense [n, d_sae] block (~256 MB) so 65k-wide SAEs fit in memory.
     step = max(1, (1 << 26) // sae.d_sae)
+    if len(x) == 0:  # no counted token in the whole batch
+        return torch.zeros((0, sae.d_sae), dtype=torch.float32, device=x.device)
     return torch.cat([sae.encode(x[i : i + step]) for i in range(0, len(x), step)])
+
+
+def _no_tokens(e: Encoded, d_model: int, n_saes: int) -> list[TextActs]:
+    """The record of a text without counted tokens (see the module doc)."""
+    empty_i = np.zeros(0, dtype=np.int32)
+    acts = TextActs(n_tokens=len(e.ids), pos=empty_i, feat=empty_i,
+                    val=np.zeros(0, dtype=np.float32), pooled=np.zeros(d_model, dtype=np.float32))
+    return [acts] * n_saes
 
 
 def probe_batch(
     lm: LoadedModel, saes: Sequence[LoadedSAE], batch: Sequence[Encoded], sink_factor: float
 ) -> list[list[TextActs]]:
-    """One forward pass for SAEs that share a hook; per SAE, each text's activations."""
+    """One forward pass for SAEs that share a hook; per SAE, each text's activations.
+    Texts without a counted token skip the forward pass (empty record, zero mean)."""
     (hook,) = {sae.hook for sae in saes}
+    live = [b for b, e in enumerate(batch) if e.counted.any()]
+    d_model = saes[0].d_in
+    out: list[list[TextActs]] = [
+        [] if e.counted.any() else _no_tokens(e, d_model, len(saes))
+        for e in batch
+    ]
+    if live:
+        for b, acts in zip(live, _probe_live(lm, saes, hook, [batch[b] for b in live],
+                                             sink_factor), strict=True):
+            out[b] = acts
+    return [[per_text[s] for per_text in out] for s in range(len(saes))]
+
+
+def _probe_live(
+    lm: LoadedModel, saes: Sequence[LoadedSAE], hook: HookPoint, batch: Sequence[Encoded],
+    sink_factor: float,
+) -> list[list[TextActs]]:
+    """Per text, per SAE: activations of texts that have counted tokens."""
     captured, counted = residuals(lm, [hook], batch, sink_factor)
     resid = captured[hook]
     rows, cols = counted.nonzero(as_tuple=True)
     n_counted = counted.sum(dim=1, keepdim=True).clamp(min=1)
-    pooled = ((resid * counted.unsqueeze(-1)).sum(dim=1) / n_counted).cpu().numpy()
-    per_sae = []
+    # where(), not a product: a padded position's residual may be non-finite
+    kept = torch.where(counted.unsqueeze(-1), resid, torch.zeros((), device=resid.device))
+    pooled = (kept.sum(dim=1) / n_counted).cpu().numpy()
+    per_text: list[list[TextActs]] = [[] for _ in batch]
     for sae in saes:
         feats = _encode_chunked(sae, resid[rows, cols])  # [N, d_sae]
         nz_tok, nz_feat = feats.nonzero(as_tuple=True)
@@ -211,17 +249,15 @@ def probe_batch(
         feat_np = nz_feat.cpu().numpy().astype(np.int32)
         val_np = feats[nz_tok, nz_feat].cpu().numpy().astype(np.float32)
         bounds = np.searchsorted(text_of, np.arange(len(batch) + 1))  # nonzero() is row-major
-        per_sae.append([
-            TextActs(
+        for b, e in enumerate(batch):
+            per_text[b].append(TextActs(
                 n_tokens=len(e.ids),
                 pos=pos_of[bounds[b] : bounds[b + 1]],
                 feat=feat_np[bounds[b] : bounds[b + 1]],
                 val=val_np[bounds[b] : bounds[b + 1]],
                 pooled=pooled[b].astype(np.float32),
-            )
-            for b, e in enumerate(batch)
-        ])
-    return per_sae
+            ))
+    return per_text
 
 
 @dataclass

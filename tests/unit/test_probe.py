@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from memory.activation_cache import ActivationCache
-from tools import probe as probe_mod
 from tools.probe import (
     ProbeSettings,
     encode,
@@ -70,15 +69,9 @@ def test_truncation_warns_once(tiny_lm, tiny_sae, caplog) -> None:
     assert "max_tokens=8" in warnings[0].getMessage()
 
 
-def test_cache_hits_skip_the_model(tiny_lm, tiny_sae, tmp_path, monkeypatch) -> None:
+def test_cache_hits_skip_the_model(tiny_lm, tiny_sae, tmp_path, probed_batches) -> None:
     cache = ActivationCache(tmp_path / "acts.sqlite")
-    calls: list[int] = []
-    real = probe_mod.probe_batch
-    def counting(lm, saes, batch, sink):  # type: ignore[no-untyped-def]
-        calls.append(len(batch))
-        return real(lm, saes, batch, sink)
-
-    monkeypatch.setattr(probe_mod, "probe_batch", counting)
+    calls = probed_batches
     cold = probe_texts(TEXTS, tiny_lm, tiny_sae, cache=cache)
     n_unique = len(set(TEXTS))
     assert sum(calls) == n_unique and len(cache) == n_unique
