@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -52,11 +53,33 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 
 @contextmanager
 def _errors() -> Iterator[None]:
+    """Project errors and failed file I/O (a full disk, a folder without write access) as
+    one line and exit code 2; anything else is a bug and keeps its traceback."""
     try:
         yield
-    except FacsynthError as e:
-        err.print(f"[bold red]error:[/] {e}")
+    except (FacsynthError, OSError) as e:
+        if isinstance(e, OSError):
+            logging.getLogger("facsynth").debug("I/O error", exc_info=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def _writable(path: Path | None, flag: str) -> None:
+    """Refuse an output path that cannot be a file before any work is done."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name, e.g. {path / 'out'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+
+
+def _save(path: Path, text: str) -> None:
+    with _errors():
+        write_text_atomic(path, text)
 
 
 @contextmanager
@@ -98,7 +121,7 @@ def coverage(
         int | None, typer.Option(help="label judge: positive rows (default: 2, or 3.6%)")
     ] = None,
     min_log_odds: Annotated[float | None, typer.Option(help="label judge: log-odds")] = None,
-    top: Annotated[int, typer.Option(help="missing features to show")] = 10,
+    top: Annotated[int, typer.Option(min=1, help="missing features to show")] = 10,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
 ) -> None:
     """Measure FAC of DATA against the task features of ANCHOR and list what is missing."""
@@ -106,16 +129,15 @@ def coverage(
     from tools.data import load_texts
 
     with _errors():
+        _writable(json_out, "--json")
         if delta is not None and threshold is None:
             threshold = "absolute"  # a delta given on the command line means one delta
-        settings = _settings(model=model, sae=sae, delta=delta, threshold=threshold,
-                             quantile=quantile, pooling=pooling, min_tokens=min_tokens)
         judge: dict[str, Any] = {"min_support": min_support, "min_log_odds": min_log_odds}
         if min_support is not None:
             judge["min_support_frac"] = 0.0  # an explicit support is taken as given
-        settings.judge = settings.judge.model_copy(
-            update={k: v for k, v in judge.items() if v is not None}
-        )
+        settings = _settings(model=model, sae=sae, delta=delta, threshold=threshold,
+                             quantile=quantile, pooling=pooling, min_tokens=min_tokens,
+                             judge={k: v for k, v in judge.items() if v is not None} or None)
         a = load_texts(anchor, text_field=text_field, label_field=label_field,
                        require_labels=True)
         d = load_texts(data, text_field=text_field, label_field=label_field)
@@ -124,7 +146,7 @@ def coverage(
             report = ws.coverage(a, d, advance)
     _print_coverage(report, top)
     if json_out:
-        write_text_atomic(json_out, report.model_dump_json(indent=2))
+        _save(json_out, report.model_dump_json(indent=2))
         err.print(f"report written to {json_out}")
 
 
@@ -173,6 +195,7 @@ def probe(
     from tools.data import load_texts
 
     with _errors():
+        _writable(json_out, "--json")
         settings = _settings(model=model, sae=sae, delta=delta)
         d = load_texts(str(data), text_field=text_field, label_field=None)
         ws = Workspace(settings)
@@ -195,24 +218,24 @@ def probe(
             keep = row.data > settings.delta
             rows.append({"row": i, "features": row.indices[keep].tolist(),
                          "max": [round(float(v), 4) for v in row.data[keep]]})
-        write_text_atomic(json_out, json.dumps({"delta": settings.delta, "rows": rows}))
+        _save(json_out, json.dumps({"delta": settings.delta, "rows": rows}))
         err.print(f"written to {json_out}")
 
 
 @app.command("train-sae")
 def train_sae(
     corpus: Annotated[list[Path], typer.Option(help="text files to train on (repeatable)")],
-    layer: Annotated[int, typer.Option(help="decoder layer whose output the SAE reads")],
+    layer: Annotated[int, typer.Option(min=0, help="decoder layer whose output the SAE reads")],
     out_dir: Annotated[Path, typer.Option("--out", help="work and output folder (resumable)")],
     model: ModelOpt = None,
     text_field: TextField = "text",
-    d_sae: Annotated[int, typer.Option(help="latents")] = 4096,
-    k: Annotated[int, typer.Option(help="active latents per token (TopK)")] = 32,
-    n_vectors: Annotated[int, typer.Option(help="residual vectors to collect")] = 500_000,
-    epochs: Annotated[float, typer.Option(help="passes over the vectors")] = 1.0,
-    batch_size: Annotated[int, typer.Option(help="vectors per training step")] = 512,
-    max_per_file: Annotated[int, typer.Option(help="texts sampled per corpus file")] = 4000,
-    max_tokens: Annotated[int, typer.Option(help="tokens per text")] = 128,
+    d_sae: Annotated[int, typer.Option(min=1, help="latents")] = 4096,
+    k: Annotated[int, typer.Option(min=1, help="active latents per token (TopK)")] = 32,
+    n_vectors: Annotated[int, typer.Option(min=1, help="residual vectors to collect")] = 500_000,
+    epochs: Annotated[float, typer.Option(min=0.001, help="passes over the vectors")] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="vectors per training step")] = 512,
+    max_per_file: Annotated[int, typer.Option(min=1, help="texts sampled per corpus file")] = 4000,
+    max_tokens: Annotated[int, typer.Option(min=2, help="tokens per text")] = 128,
     seed: int = 0,
 ) -> None:
     """Train a TopK SAE with sae-lens on one layer; rerun the same command to resume."""
@@ -258,8 +281,8 @@ def train_sae(
         ]),
     }
     card = {"info": info, "metrics": metrics}
-    write_text_atomic(out_dir / "sae" / "card.json", json.dumps(card, indent=2))
-    write_text_atomic(out_dir / "sae" / "README.md", sae_card(metrics, info))
+    _save(out_dir / "sae" / "card.json", json.dumps(card, indent=2))
+    _save(out_dir / "sae" / "README.md", sae_card(metrics, info))
     out.print(f"SAE saved to {out_dir / 'sae'}: explained variance "
               f"{metrics['explained_variance']:.3f}, dead {metrics['dead_fraction']:.3f}")
 
@@ -319,7 +342,7 @@ def _jsonl(rows: Any) -> str:
 def interpret(
     coverage_json: Annotated[Path, typer.Argument(help="report from `facsynth coverage --json`")],
     json_out: Annotated[Path, typer.Option("--json", help="write the features here")],
-    top: Annotated[int, typer.Option(help="missing features to interpret")] = 10,
+    top: Annotated[int, typer.Option(min=1, help="missing features to interpret")] = 10,
     relevance: RelevanceOpt = "auto",
     score: Annotated[
         bool, typer.Option(help="also score each summary by detection accuracy (needs --anchor)")
@@ -338,6 +361,7 @@ def interpret(
     from tools.data import load_texts
 
     with _errors():
+        _writable(json_out, "--json")
         if relevance not in ("label", "llm", "auto"):
             raise ConfigError(f"--relevance {relevance!r}: use label, llm or auto")
         if score and anchor is None:
@@ -367,7 +391,7 @@ def interpret(
         agr = result.agreement
         out.print(f"LLM agrees with the label judge on {agr.agree}/{agr.judged} "
                   f"({agr.rate:.0%}): {agr.verdicts}")
-    write_text_atomic(json_out, result.model_dump_json(indent=2))
+    _save(json_out, result.model_dump_json(indent=2))
     err.print(f"features written to {json_out}")
 
 
@@ -375,9 +399,9 @@ def interpret(
 def generate(
     features_json: Annotated[Path, typer.Argument(help="from `facsynth interpret --json`")],
     out_path: Annotated[Path, typer.Option("--out", help="samples JSONL to write")],
-    per_feature: Annotated[int, typer.Option(help="samples per targeted feature")] = 2,
-    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 0.8,
-    concurrency: Annotated[int, typer.Option(help="requests in flight")] = 8,
+    per_feature: Annotated[int, typer.Option(min=1, help="samples per targeted feature")] = 2,
+    temperature: Annotated[float, typer.Option(min=0, max=2, help="sampling temperature")] = 0.8,
+    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight")] = 8,
     seed: Annotated[int, typer.Option(help="base seed (each request gets its own)")] = 0,
     generator: GeneratorOpt = None,
     model: ModelOpt = None,
@@ -390,6 +414,7 @@ def generate(
     from tools.generate import GenerateSettings
 
     with _errors():
+        _writable(out_path, "--out")
         settings = _settings(model=model, generator=generator)
         features = _read_model(features_json, Interpreted, "interpret")
         targets = features.targets
@@ -400,7 +425,7 @@ def generate(
                               concurrency=concurrency, seed=seed)
         with open_llm(settings, out_path.parent, Workspace(settings)) as llm:
             samples = run_generate(targets, llm, gs)
-    write_text_atomic(out_path, _jsonl(samples))
+    _save(out_path, _jsonl(samples))
     empty = sum(not s.text.strip() for s in samples)
     out.print(f"{len(samples)} samples for {len(targets)} features written to {out_path}"
               + (f" ({empty} empty)" if empty else ""))
@@ -424,15 +449,17 @@ def verify(
     from agent.workspace import Workspace
     from tools.data import load_texts
 
+    rejected_path = rejected_path or out_path.with_name(out_path.stem + ".rejected.jsonl")
     with _errors():
+        _writable(out_path, "--out")
+        _writable(rejected_path, "--rejected")
         settings = _settings(model=model, sae=sae)
         samples = _read_samples(samples_path)
         a = load_texts(anchor, require_labels=True)
         d = load_texts(data)
         report = verify_samples(Workspace(settings), a, d, samples)
-    rejected_path = rejected_path or out_path.with_name(out_path.stem + ".rejected.jsonl")
-    write_text_atomic(out_path, _jsonl(v.sample for v in report.kept))
-    write_text_atomic(rejected_path, "".join(
+    _save(out_path, _jsonl(v.sample for v in report.kept))
+    _save(rejected_path, "".join(
         json.dumps({**v.sample.model_dump(), "reason": v.reason, "activation": v.activation})
         + "\n" for v in report.rejected
     ))
@@ -453,7 +480,7 @@ app.add_typer(features_app, name="features")
 @features_app.command("search")
 def features_search(
     query: Annotated[str, typer.Argument(help='what to look for, e.g. "stealing"')],
-    k: Annotated[int, typer.Option(help="results")] = 10,
+    k: Annotated[int, typer.Option(min=1, help="results")] = 10,
     model: ModelOpt = None,
     sae: SaeOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
@@ -513,6 +540,7 @@ def improve(
     """Self-improvement rounds: coverage -> interpret -> generate -> verify -> train ->
     evaluate, until FAC gains level off. Kill it any time; `--resume RUN_DIR` continues."""
     from agent.graph import LoopSettings
+    from agent.runs import start_run, validated
 
     with _errors():
         if resume is not None:
@@ -521,22 +549,18 @@ def improve(
         else:
             if run_dir is None or anchor is None or data is None:
                 raise ConfigError("give --anchor, --data and --run-dir (or --resume RUN_DIR)")
-            if (run_dir / "config.json").exists():
-                raise ConfigError(f"{run_dir} already holds a run: continue it with --resume "
-                                  f"{run_dir}, or choose another --run-dir")
             given = {"model": model, "sae": sae, "generator": generator}
+            loop = validated(LoopSettings, "improve options", max_rounds=rounds, budget=budget,
+                             top=top, seed=seed, per_feature=per_feature, epsilon=epsilon,
+                             patience=patience, focus=focus)
             cfg = RunConfig(
                 anchor=str(anchor), data=str(data), eval=str(eval_path) if eval_path else None,
                 relevance=relevance,
                 settings={k: v for k, v in given.items() if v is not None},
-                loop=LoopSettings(max_rounds=rounds, budget=budget, top=top, seed=seed,
-                                  per_feature=per_feature, epsilon=epsilon, patience=patience,
-                                  focus=focus).model_dump(),  # type: ignore[arg-type]
-                detector={"kind": detector},
+                loop=loop.model_dump(), detector={"kind": detector},
             )
             run = run_dir
-            _settings(**cfg.settings)  # validate before writing anything
-            write_text_atomic(run / "config.json", cfg.model_dump_json(indent=1))
+            cfg = start_run(run, cfg)
         state = _run_loop(run, cfg, resume is not None)
     out.print(f"[bold]stopped after round {state.get('round')}:[/] {state.get('stop_reason')}; "
               f"FAC {state.get('fac', 0):.3f}. Report: facsynth report {run}")
@@ -636,7 +660,7 @@ def serve(
                                  help="bearer token HTTP clients must send (env "
                                  "FACSYNTH_MCP_TOKEN)")
     ] = None,
-    max_concurrent: Annotated[int, typer.Option(help="tool calls running at once")] = 2,
+    max_concurrent: Annotated[int, typer.Option(min=1, help="tool calls running at once")] = 2,
     generator: GeneratorOpt = None,
     model: ModelOpt = None,
     sae: SaeOpt = None,
@@ -677,3 +701,29 @@ def llm_server(
                     time.sleep(3600)
         except KeyboardInterrupt:
             err.print("server stopped")
+
+
+def run() -> None:
+    """The console entry point: `app` with usage errors (a bad flag or value) as one line."""
+    import sys
+
+    # typer vendors click; its exceptions are reachable only here
+    from typer._click import exceptions as click
+
+    try:
+        code = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as e:
+        out.print(e.format_message(), markup=False, highlight=False)
+        code = 2
+    except click.UsageError as e:
+        where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+        err.print(f"[bold red]error:[/] {where}{escape(e.format_message())} (see --help)",
+                  soft_wrap=True, highlight=False)
+        code = e.exit_code
+    except click.ClickException as e:
+        err.print(f"[bold red]error:[/] {escape(e.format_message())}", soft_wrap=True)
+        code = e.exit_code
+    except typer.Abort:
+        err.print("aborted")
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # tools.probe imports torch; settings must stay quick to impo
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="FACSYNTH_", env_nested_delimiter="__", toml_file="facsynth.toml",
-        extra="forbid",
+        extra="forbid", allow_inf_nan=False,
     )
 
     home: Path = Field(

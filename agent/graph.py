@@ -20,13 +20,15 @@ from typing import Any, Literal, TypedDict
 
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph import END, START, StateGraph
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 CHECKPOINTS = "checkpoints.sqlite"
 THREAD = "improve"
 
 
 class LoopSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     max_rounds: int = Field(3, ge=0, description="synthesis rounds at most")
     budget: int = Field(400, ge=1, description="generated samples at most, all rounds")
     epsilon: float = Field(0.01, ge=0, description="stop when a round's FAC gain is below this")

@@ -9,35 +9,64 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from agent.config import Settings
 from tools.errors import ConfigError
 
 if TYPE_CHECKING:
+    from agent.graph import LoopSettings
     from agent.workspace import Workspace
     from tools.data import TextDataset
+    from tools.detector import DetectorSettings
     from tools.report import RoundRecord
 
 CONFIG = "config.json"
 
 
+FLAGS = {"max_rounds": "rounds", "kind": "detector"}
+"""Option fields whose command-line flag has another name."""
+
+
+def problems(e: ValidationError, flags: bool = False) -> str:
+    """A pydantic error as one line: `field: message; ...` (`--field` when `flags`)."""
+    out = []
+    for x in e.errors():
+        where = ".".join(map(str, x["loc"]))
+        if flags:
+            where = "--" + FLAGS.get(where, where).replace("_", "-")
+        value = f" (got {x['input']!r})" if not isinstance(x.get("input"), dict) else ""
+        out.append(f"{where}: {x['msg']}{value}")
+    return "; ".join(out)
+
+
 def build_settings(**overrides: Any) -> Settings:
     """Settings from defaults < facsynth.toml < env < the given non-None overrides;
-    invalid values become one ConfigError."""
-    from pydantic import ValidationError
+    invalid values (and an unreadable facsynth.toml) become one ConfigError."""
+    import tomllib
 
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
         return Settings(**given)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{Path('facsynth.toml').resolve()}: not valid TOML ({e}); fix or "
+                          "remove the file") from None
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()
-        )
         raise ConfigError(f"invalid settings (flags, FACSYNTH_* env or facsynth.toml): "
-                          f"{problems}") from None
+                          f"{problems(e)}") from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], what: str, **values: Any) -> M:
+    """`model(**values)`, its validation errors as one ConfigError naming the flags."""
+    try:
+        return model(**values)
+    except ValidationError as e:
+        raise ConfigError(f"invalid {what}: {problems(e, flags=True)}") from None
 
 
 class RunConfig(BaseModel):
@@ -56,8 +85,6 @@ class RunConfig(BaseModel):
 
     @classmethod
     def read(cls, run_dir: Path) -> RunConfig:
-        from pydantic import ValidationError
-
         path = run_dir / CONFIG
         if not path.exists():
             raise ConfigError(f"{path} not found: {run_dir} is not a facsynth improve run")
@@ -69,6 +96,45 @@ class RunConfig(BaseModel):
                 f"{path}: not a `facsynth improve` config ({'.'.join(map(str, first['loc']))}: "
                 f"{first['msg']})"
             ) from None
+
+
+def run_options(cfg: RunConfig) -> tuple[LoopSettings, DetectorSettings]:
+    """The loop and detector options of `cfg`, validated (one ConfigError naming the flag)."""
+    from agent.graph import LoopSettings
+    from tools.detector import DetectorSettings
+
+    if cfg.relevance not in ("label", "llm", "auto"):
+        raise ConfigError(f"--relevance {cfg.relevance!r}: use label, llm or auto")
+    loop = validated(LoopSettings, "improve options", **cfg.loop)
+    det = validated(DetectorSettings, "detector options", **cfg.detector)
+    return loop, det
+
+
+def _absolute(source: str | None) -> str | None:
+    """A local file's absolute path (so `--resume` works from any folder); hub ids as given."""
+    if source is None or not Path(source).exists():
+        return source
+    return str(Path(source).resolve())
+
+
+def start_run(run: Path, cfg: RunConfig) -> RunConfig:
+    """Check everything a new run needs (settings, options, readable inputs), then write its
+    `config.json`: a refused start leaves nothing behind, so the corrected command just works.
+    Local input paths are stored absolute."""
+    from tools.data import write_text_atomic
+
+    if (run / CONFIG).exists():
+        raise ConfigError(f"{run} already holds a run: continue it with --resume {run}, or "
+                          "choose another --run-dir")
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"--run-dir {run}: is a file; give a folder for the run")
+    cfg = cfg.model_copy(update={"anchor": _absolute(cfg.anchor), "data": _absolute(cfg.data),
+                                 "eval": _absolute(cfg.eval)})
+    build_settings(**cfg.settings)
+    run_options(cfg)
+    load_run_inputs(cfg)
+    write_text_atomic(run / CONFIG, cfg.model_dump_json(indent=1))
+    return cfg
 
 
 def load_run_inputs(cfg: RunConfig) -> tuple[TextDataset, TextDataset, TextDataset]:
@@ -111,23 +177,14 @@ def run_loop(
     `workspace` and `llm` default to ones built from `cfg.settings` (the LLM is opened for
     the duration of the run); hooks: `before(node, round)`, `on_round(record)`,
     `progress(what, total) -> advance`."""
-    from pydantic import ValidationError
-
     from agent.engine import Engine
-    from agent.graph import LoopSettings, build, checkpointer, thread
+    from agent.graph import build, checkpointer, thread
     from agent.llm import open_llm
     from agent.steps import Steps
     from agent.workspace import Workspace
-    from tools.detector import DetectorSettings
 
     settings = workspace.settings if workspace is not None else build_settings(**cfg.settings)
-    try:
-        loop = LoopSettings.model_validate(cfg.loop)
-        det = DetectorSettings.model_validate(cfg.detector)
-    except ValidationError as e:
-        raise ConfigError(f"invalid improve options: {e.errors()[0]['msg']}") from None
-    if cfg.relevance not in ("label", "llm", "auto"):
-        raise ConfigError(f"--relevance {cfg.relevance!r}: use label, llm or auto")
+    loop, det = run_options(cfg)
     anchor, data, ev = load_run_inputs(cfg)
     ws = workspace or Workspace(settings)
     with contextlib.ExitStack() as stack:
@@ -139,11 +196,14 @@ def run_loop(
         steps = Steps(run, engine, loop, data, before=before, on_round=on_round)
         graph = build(steps, checkpointer(run))
         config = thread(run)
+        # "sync": each step's checkpoint is on disk before the next step starts, so a kill
+        # loses at most the step in flight (LangGraph's default writes it in the background)
+        start: dict[str, Any] | None = {}
         if resuming:
-            snap = graph.get_state(config)
-            if not snap.next:
-                if snap.values:
-                    return dict(snap.values)  # finished already
-                return dict(graph.invoke({}, config))
-            return dict(graph.invoke(None, config))
-        return dict(graph.invoke({}, config))
+            values = graph.get_state(config).values
+            if values.get("stop_reason"):
+                return dict(values)  # finished already
+            # no checkpoint yet: start over; else continue from the last one (a step whose
+            # writes were saved but not its checkpoint shows no `next`, yet is not the end)
+            start = None if values else {}
+        return dict(graph.invoke(start, config, durability="sync"))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 import numpy as np
 import scipy.sparse as sp
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tools.errors import ConfigError, DataError
 
@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # tools.probe imports torch: keep settings imports light
 
 
 class ActivityRule(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     threshold: Literal["absolute", "anchor-quantile", "quantile"] = "absolute"
     delta: float = Field(1.0, ge=0, description="threshold=absolute: active when > delta")
     quantile: float = Field(
@@ -90,6 +92,8 @@ class JudgeSettings(BaseModel):
     """Label judge settings. Defaults are the calibrated ones (bench/fac_predicts.py on
     ToxicChat: support 10 of 281 positives, log-odds 2); support scales with the anchor's
     positives so the same rule works on a 90-positive demo anchor and a large one."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     judge: Literal["label", "auto"] = "label"
     min_support: int = Field(2, ge=1, description="positive anchor rows a feature must fire on")

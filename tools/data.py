@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,7 @@ def load_texts(
         raise DataError("require_labels=True needs a label_field, e.g. 'label'")
     path, name = Path(source), str(source)
     fmt = _FORMATS.get(path.suffix.lower())
-    if fmt is None and not path.exists():
+    if fmt is None and not path.exists() and not _looks_like_path(name):
         rows: Iterable[Row] = _hub_rows(name, text_field, label_field)
     elif not path.is_file():
         problem = "is a directory" if path.exists() else "file not found"
@@ -83,6 +84,16 @@ def load_texts(
     ds = _validate(rows, name, text_field, label_field, require_labels)
     logger.info("loaded %d texts (%d positive) from %s", len(ds), ds.n_positive, name)
     return ds
+
+
+def _looks_like_path(source: str) -> bool:
+    """True for strings no hub dataset id looks like (`org/name` or `name`, optionally
+    `:split`): `./x`, `/x`, `~/x`, `a/b/c`, `x.txt`. They get "file not found" at once
+    instead of a hub lookup that retries for half a minute."""
+    if source.startswith((".", "/", "~")) or "\\" in source:
+        return True
+    repo = source.partition(":")[0]
+    return repo.count("/") > 1 or bool(Path(repo).suffix)
 
 
 def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -149,7 +160,10 @@ def _table_rows(
     elif _parquet_num_rows(path) == 0:  # datasets cannot build a split of zero rows
         _raise_empty(str(path))
     try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+        # a throw-away cache: nothing of the user's file is copied into ~/.cache/huggingface
+        with tempfile.TemporaryDirectory(prefix="facsynth-load-") as cache:
+            ds = datasets.load_dataset(fmt, data_files=str(path), split="train",
+                                       cache_dir=cache, keep_in_memory=True, **kwargs)
     except Exception as exc:
         detail = exc.__cause__ or exc  # datasets wraps the parser's own message
         raise DataError(f"{path}: cannot read as {fmt} ({detail})") from exc
@@ -201,7 +215,7 @@ def _columns_to_rows(
 def _raise_no_text(where: str, field: str, present: Iterable[str]) -> NoReturn:
     raise DataError(
         f"{where}: no field '{field}' (fields present: {', '.join(present) or 'none'});"
-        " add it, or pass text_field= to name the text field"
+        " add it, or name the text field with --text-field (text_field= in Python)"
     )
 
 
@@ -267,9 +281,57 @@ def _validate(
     return TextDataset(texts, labels if first_labelled else None, name)
 
 
+def _new_file_mode() -> int:
+    """The mode a plain `open(path, "w")` gives a new file: 0o666 less the umask."""
+    global _NEW_FILE_MODE
+    if _NEW_FILE_MODE is None:
+        mask: int | None = None
+        try:  # Linux reports it; os.umask can only read it by setting it
+            with open("/proc/self/status", encoding="ascii") as f:
+                line = next((x for x in f if x.startswith("Umask:")), None)
+            mask = int(line.split()[1], 8) if line else None
+        except (OSError, ValueError):
+            pass
+        if mask is None:
+            mask = os.umask(0o077)
+            os.umask(mask)
+        _NEW_FILE_MODE = 0o666 & ~mask
+    return _NEW_FILE_MODE
+
+
+_NEW_FILE_MODE: int | None = None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so readers never see a half-written file."""
+    """Write `text` to `path` so that readers see the old file or the new one, never half.
+
+    The temp file is made by `tempfile.mkstemp` in `path`'s folder (O_CREAT|O_EXCL, a random
+    name), so nothing planted at a predictable temp name (a symlink, say) is ever followed;
+    it is written, fsynced and `os.replace`d onto `path`. A symlink at `path` itself is
+    replaced, not written through. The new file keeps the mode of the file it replaces (a
+    new one gets the usual 0o666 less the umask, not mkstemp's 0o600).
+    """
+    import contextlib
+    import stat
+    import tempfile
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        old = path.lstat()
+        mode = stat.S_IMODE(old.st_mode) if stat.S_ISREG(old.st_mode) else _new_file_mode()
+    except FileNotFoundError:
+        mode = _new_file_mode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -56,7 +56,7 @@ class Metrics(BaseModel):
 class DetectorSettings(BaseModel):
     """Which detector and its hyper-parameters (`c` for probe; the rest for lora)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["probe", "lora"] = "probe"
     c: float = Field(0.1, gt=0, description="probe: inverse L2 strength of the regression")
