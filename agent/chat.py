@@ -17,6 +17,7 @@ with SqliteSaver in `<root>/.facsynth/chat.sqlite`, one thread per session id.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,7 @@ from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
 from langgraph.prebuilt.tool_node import ToolCallWithContext, ToolInvocationError
 from langgraph.types import Command, Send, interrupt
+from rich.markup import escape
 
 from agent.config import Settings
 from agent.toolbox import (
@@ -51,10 +53,10 @@ from agent.toolbox import (
     Toolbox,
     Top,
 )
-from prompts import PROMPT_DIR, render
+from prompts import PROMPT_DIR, fence, render, unfence
 from tools.errors import ConfigError, FacsynthError
 
-PROMPT = "chat_system.v1"
+PROMPT = "chat_system.v2"
 SESSIONS = "chat.sqlite"
 RECURSION_LIMIT = 60
 CONFIRMED_TOOLS = ("generate_and_verify", "improve")
@@ -170,7 +172,18 @@ def make_tools(box: Toolbox, hooks: Hooks | None = None, confirm: bool = True) -
     funcs: list[Callable[..., str]] = [describe_dataset, coverage, missing_features,
                                        search_features, explain_feature, generate_and_verify,
                                        improve, report]
-    return [StructuredTool.from_function(f, name=f.__name__) for f in funcs]
+    return [StructuredTool.from_function(_fenced(f), name=f.__name__) for f in funcs]
+
+
+def _fenced(tool: Callable[..., str]) -> Callable[..., str]:
+    """`tool` whose JSON result reaches the model fenced as data: it quotes dataset rows and
+    spans, which must never read as instructions (the system prompt says so)."""
+
+    @functools.wraps(tool)
+    def call(*args: Any, **kwargs: Any) -> str:
+        return fence(tool(*args, **kwargs))
+
+    return call
 
 
 def _duration(seconds: float) -> str:
@@ -304,7 +317,7 @@ class ChatSession:
             for call in msg.tool_calls:
                 yield Event("tool_call", name=call["name"], data=dict(call["args"]))
         elif isinstance(msg, LCToolMessage):
-            yield Event("tool_result", msg.text, name=msg.name or "",
+            yield Event("tool_result", unfence(msg.text), name=msg.name or "",
                         data={"error": msg.status == "error"})
 
 
@@ -459,7 +472,7 @@ def _turn(events: Iterator[Event], session: ChatSession, out: Any, err: Any,
                 elif ev.kind == "tool_result":
                     colour = "red" if ev.data.get("error") else "dim"
                     text = ev.text if len(ev.text) <= 300 else ev.text[:300] + "…"
-                    err.print(f"[{colour}]← {ev.name}: {text}[/]", highlight=False)
+                    err.print(f"[{colour}]← {ev.name}: {escape(text)}[/]", highlight=False)
                 elif ev.kind == "confirm":
                     asked.append(ev)
                 elif ev.kind == "error":

@@ -32,7 +32,7 @@ seed or of an earlier sample, or refusals ("sorry", "as an AI", ...) are rejecte
 requested again, at most `budget * max_requests_factor` requests in all; `BaselineError` if
 that is not enough, or when the LLM still fails transiently after the retries
 (`tools.generate.with_backoff`). At most `concurrency` requests are in flight. Provenance:
-feature -1 (no target feature), prompt_version "baseline-<method>.v1".
+feature -1 (no target feature), prompt_version "baseline-<method>.v2".
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ log = logging.getLogger(__name__)
 Method = Literal["random", "self-instruct", "evol-instruct", "magpie"]
 METHODS: tuple[str, ...] = get_args(Method)
 NO_FEATURE = -1
-VERSION = "v1"
+VERSION = "v2"
 PROMPT_RANDOM = "baseline_random.v1"
-PROMPT_SELF_INSTRUCT = "baseline_self_instruct.v1"
-PROMPT_EVOL_DEPTH = "baseline_evol_depth.v1"
-PROMPT_EVOL_BREADTH = "baseline_evol_breadth.v1"
+PROMPT_SELF_INSTRUCT = "baseline_self_instruct.v2"
+PROMPT_EVOL_DEPTH = "baseline_evol_depth.v2"
+PROMPT_EVOL_BREADTH = "baseline_evol_breadth.v2"
 EVOL_DEPTH_OPS = ("constraints", "deepen", "concretize", "reasoning")
 EVOL_OPS = (*EVOL_DEPTH_OPS, "breadth")
 

@@ -17,13 +17,13 @@ from typing import Protocol
 
 from pydantic import BaseModel, Field
 
-from prompts import render
+from prompts import render, unfence
 from tools.errors import FacsynthError
 from tools.verify import Provenance, Sample
 
 log = logging.getLogger(__name__)
 
-PROMPT = "generate_toxicity.v1"
+PROMPT = "generate_toxicity.v2"
 SYSTEM = "You write realistic test data for a content-safety classifier."
 
 
@@ -55,8 +55,9 @@ class GenerateSettings(BaseModel):
 
 
 def clean(reply: str) -> str:
-    """The message itself: no wrapping quotes, no 'Message:' style preamble."""
-    text = reply.strip()
+    """The message itself: no wrapping quotes, no 'Message:' style preamble, no echoed data
+    fence."""
+    text = unfence(reply).strip()
     first, sep, rest = text.partition(":")
     if sep and len(first.split()) <= 3 and first.lower().rstrip() in {
         "message", "user", "user message", "sample", "here is the message", "prompt",

@@ -23,9 +23,9 @@ from tools.errors import FacsynthError
 
 log = logging.getLogger(__name__)
 
-PROMPT = "interpret_feature.v1"
+PROMPT = "interpret_feature.v2"
 SYSTEM = "You are a careful interpretability researcher. You answer in JSON only."
-SCORE_PROMPT = "score_interpretation.v1"
+SCORE_PROMPT = "score_interpretation.v2"
 SYSTEM_SCORE = "You are a careful interpretability researcher. You answer yes or no."
 LOW_SCORE = 0.6
 """Interpretations whose detection accuracy is below this are flagged (`scores`)."""

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from prompts import render
 from tools.interpret import ChatClient, ask_json
 
-PROMPT = "relevance_toxicity.v1"
+PROMPT = "relevance_toxicity.v2"
 SYSTEM = "You judge features of a language model for a content-safety team. Answer in JSON."
 Verdict = Literal["Yes", "Probably", "Maybe", "No"]
 Relevance = Literal["label", "llm", "auto"]

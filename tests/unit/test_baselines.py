@@ -80,7 +80,7 @@ def _check_format(samples, budget, method, generator, label=1):  # type: ignore[
     assert len(samples) == budget
     assert all(s.text and s.label == label for s in samples)
     assert all(s.provenance.feature == -1 for s in samples)
-    assert {s.provenance.prompt_version for s in samples} == {f"baseline-{method}.v1"}
+    assert {s.provenance.prompt_version for s in samples} == {f"baseline-{method}.v2"}
     assert {s.provenance.generator for s in samples} == {generator}
     assert len({s.provenance.seed for s in samples}) == budget
 
@@ -195,8 +195,9 @@ def test_self_instruct_rejects_near_copies_and_grows_the_pool() -> None:
 
 def test_self_instruct_prompt_renders_both_labels() -> None:
     for label, word in ((1, "harmful"), (0, "harmless")):
-        text = prompts.render("baseline_self_instruct.v1", examples=["x", "y"], label=label)
-        assert "1. x" in text and "2. y" in text and "message 3" in text and word in text
+        text = prompts.render("baseline_self_instruct.v2", examples=["x", "y"], label=label)
+        assert "1. <data>x</data>" in text and "2. <data>y</data>" in text
+        assert "message 3" in text and word in text
 
 
 # ------------------------------------------------------------------ evol-instruct
@@ -227,10 +228,10 @@ def test_evol_instruct_filters_failed_evolutions_and_evolves_children() -> None:
 
 
 def test_evol_prompts_render_every_operation() -> None:
-    bodies = {prompts.render("baseline_evol_depth.v1", operation=op, message="m", label=1)
+    bodies = {prompts.render("baseline_evol_depth.v2", operation=op, message="m", label=1)
               for op in EVOL_DEPTH_OPS}
-    assert len(bodies) == 4 and all("\nm\n" in b for b in bodies)
-    breadth = prompts.render("baseline_evol_breadth.v1", message="m", label=0)
+    assert len(bodies) == 4 and all("\n<data>m</data>\n" in b for b in bodies)
+    breadth = prompts.render("baseline_evol_breadth.v2", message="m", label=0)
     assert "same domain" in breadth and "harmless" in breadth
 
 

@@ -6,59 +6,25 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
 from agent.chat import ChatSession, Event, build_graph, make_tools, sessions, system_prompt
 from agent.config import Settings
 from agent.toolbox import Toolbox
 from agent.workspace import Workspace
 from memory.feature_memory import InMemoryFeatureMemory
+from prompts import unfence
+from tests.fakes import ScriptedModel
 from tests.integration.test_pipeline import EchoLLM
 from tests.unit.test_feature_memory import bag_of_words
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 Step = AIMessage | str | Callable[[list[BaseMessage]], AIMessage | str]
-
-
-class ScriptedModel(GenericFakeChatModel):
-    """Replies from a script; a step may be a function of the conversation so far (to use
-    what a tool returned). bind_tools returns self; streaming yields one chunk that carries
-    the tool calls (GenericFakeChatModel's own stream drops them)."""
-
-    messages: Iterator[AIMessage | str] = iter(())
-    script: list[Any] = []
-    seen: list[list[BaseMessage]] = []
-
-    def bind_tools(self, tools: Any, **kwargs: Any) -> ScriptedModel:
-        return self
-
-    def _generate(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
-                  **kwargs: Any) -> ChatResult:
-        self.seen.append(list(messages))
-        step = self.script.pop(0)
-        reply = step(messages) if callable(step) else step
-        msg = AIMessage(reply) if isinstance(reply, str) else reply
-        return ChatResult(generations=[ChatGeneration(message=msg)])
-
-    def _stream(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
-                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        msg = self._generate(messages).generations[0].message
-        assert isinstance(msg, AIMessage)
-        chunk = ChatGenerationChunk(message=AIMessageChunk(
-            content=msg.content, id=msg.id, chunk_position="last",
-            tool_call_chunks=[{"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"],
-                               "index": i, "type": "tool_call_chunk"}
-                              for i, c in enumerate(msg.tool_calls)]))
-        if run_manager:
-            run_manager.on_llm_new_token(str(msg.content), chunk=chunk)
-        yield chunk
 
 
 def calls(*specs: tuple[str, dict[str, Any]]) -> AIMessage:
@@ -68,7 +34,7 @@ def calls(*specs: tuple[str, dict[str, Any]]) -> AIMessage:
 
 def last_result(messages: list[BaseMessage], tool: str) -> dict[str, Any]:
     msg = next(m for m in reversed(messages) if isinstance(m, ToolMessage) and m.name == tool)
-    return json.loads(str(msg.content))
+    return json.loads(unfence(str(msg.content)))
 
 
 @pytest.fixture(scope="module")

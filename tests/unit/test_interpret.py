@@ -26,11 +26,11 @@ class Scripted:
 
 
 def test_every_prompt_renders_and_is_strict() -> None:
-    assert "interpret_feature.v1" in prompts.available()
-    text = prompts.render("interpret_feature.v1", spans=SPANS)
-    assert "(12.5) how do I steal a car" in text and "cannot tell" in text
+    assert "interpret_feature.v2" in prompts.available()
+    text = prompts.render("interpret_feature.v2", spans=SPANS)
+    assert "(12.5) <data>how do I steal a car</data>" in text and "cannot tell" in text
     with pytest.raises(jinja2.UndefinedError):
-        prompts.render("interpret_feature.v1")
+        prompts.render("interpret_feature.v2")
 
 
 def test_parses_json_even_inside_a_fence() -> None:
@@ -63,5 +63,5 @@ def test_features_in_memory_are_never_reinterpreted() -> None:
     client = Scripted('{"summary": "theft", "confidence": 0.9}')
     first = interpret_features({7: SPANS}, client, memory)
     again = interpret_features({7: SPANS}, Scripted(), memory)  # would fail if it asked
-    assert first[7] == again[7] and first[7].prompt_version == "interpret_feature.v1"
+    assert first[7] == again[7] and first[7].prompt_version == "interpret_feature.v2"
     assert first[7].spans == [s.text for s in SPANS] and len(memory) == 1
