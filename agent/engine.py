@@ -1,27 +1,35 @@
 """The real engine behind the improve graph's nodes: the workspace (model, SAE, caches,
-feature memory), an LLM client, and the downstream detector."""
+feature memory), an LLM client, and the downstream detector. Every method delegates to
+tools/; this class only binds the run's anchor, eval set, LLM and detector settings."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from agent.pipeline import Interpreted, interpret_missing, verify_samples
-from agent.workspace import Workspace
-from tools.coverage import CoverageReport, MissingFeature, Span, activity, measure
+from tools.coverage import CoverageReport, MissingFeature
 from tools.data import TextDataset
 from tools.detector import DetectorSettings, Metrics, evaluate, fit_detector, load_detector
-from tools.generate import GenerateSettings, Target, agenerate
+from tools.focus import error_features
+from tools.generate import AsyncChatClient, GenerateSettings, Target, agenerate
+from tools.interpret import ChatClient
 from tools.models import resolve_model_source
-from tools.probe import Progress, top_spans
+from tools.probe import Progress
 from tools.relevance import Relevance
+from tools.synthesis import Interpreted, interpret_missing, verify_samples
 from tools.verify import Sample, VerifyReport
+from tools.workspace import Workspace
 
 ProgressFor = Callable[[str, int], Progress | None]
 """(what, total) -> a progress callback, or None for silence."""
+
+
+class EngineLLM(ChatClient, AsyncChatClient, Protocol):
+    """The LLM the loop needs: blocking chat (interpretation), async chat (generation)."""
 
 
 def _texts(texts: Sequence[str], source: str) -> TextDataset:
@@ -30,7 +38,7 @@ def _texts(texts: Sequence[str], source: str) -> TextDataset:
 
 class Engine:
     def __init__(
-        self, ws: Workspace, anchor: TextDataset, eval_set: TextDataset | None, llm: object,
+        self, ws: Workspace, anchor: TextDataset, eval_set: TextDataset | None, llm: EngineLLM,
         *, detector: DetectorSettings | None = None, relevance: Relevance = "label",
         seed: int = 0, progress: ProgressFor | None = None,
     ) -> None:
@@ -56,35 +64,13 @@ class Engine:
 
     def error_features(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path,
                        limit: int) -> list[MissingFeature]:
-        """Task features over-represented in the detector's errors on the anchor rows (which
-        the detector never trained on): rate among misclassified rows / rate among all."""
-        s = self.ws.settings
-        acts = self.ws.probe(self.anchor)
-        y = np.asarray(self.anchor.labels)
-        det = load_detector(model_dir, model_folder=self._model_folder())
-        scores = det.score(self.anchor.texts, features=acts.pooled())
-        wrong = (scores >= 0.5).astype(int) != y
-        if wrong.sum() == 0:
-            return []
-        measured = measure(acts, self.anchor.labels, acts, s.activity_rule(), s.judge)
-        active = activity(acts, s.activity_rule(), measured.thresholds).tocsc()
-        rate_all = np.asarray(active.mean(axis=0)).ravel()
-        n_err = np.asarray(active[wrong].sum(axis=0)).ravel()
-        ratio = np.where(rate_all > 0, (n_err / wrong.sum()) / np.maximum(rate_all, 1e-9), 0)
-        chosen = np.flatnonzero(measured.task & (n_err >= 2) & (ratio >= 1.5))
-        chosen = chosen[np.argsort(-ratio[chosen])][:limit]
-        spans = top_spans(acts, self.anchor.texts, self.ws.model.tokenizer, s.probe_settings(),
-                          chosen.tolist(), s.top_spans, s.span_window)
-        return [
-            MissingFeature(feature=int(f), pos_support=int(n_err[f]), neg_support=0,
-                           log_odds=float(np.log(ratio[f])), anchor_max=0.0,
-                           spans=[Span(row=r, text=t, activation=a) for r, t, a in spans[f]])
-            for f in chosen
-        ]
+        """Task features over-represented in the errors of the detector in `model_dir` on
+        the anchor rows (tools/focus.py). `texts` and `labels` (the training rows) are not
+        used: the detector is judged on rows it never trained on."""
+        return error_features(self.ws, self.anchor, model_dir, limit, self._model_folder())
 
     def interpret(self, report: CoverageReport, limit: int) -> Interpreted:
-        return interpret_missing(report, self.llm, self.ws, limit=limit,  # type: ignore[arg-type]
-                                 relevance=self.relevance)
+        return interpret_missing(report, self.llm, self.ws, limit=limit, relevance=self.relevance)
 
     def generate(self, targets: Sequence[Target], settings: GenerateSettings, skip: set[int],
                  on_sample: Callable[[Sample], None]) -> list[Sample]:
@@ -95,11 +81,24 @@ class Engine:
             if bar:
                 bar(1)
 
-        return asyncio.run(agenerate(targets, self.llm, settings,  # type: ignore[arg-type]
-                                     skip=skip, on_sample=seen))
+        return asyncio.run(agenerate(targets, self.llm, settings, skip=skip, on_sample=seen))
 
     def verify(self, samples: Sequence[Sample], existing: Sequence[str]) -> VerifyReport:
         return verify_samples(self.ws, self.anchor, _texts(existing, "data"), samples)
+
+    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path) -> None:
+        fit_detector(
+            self.detector, list(texts), labels, features=self._features(texts),
+            model_folder=self._model_folder() if self.detector.kind == "lora" else None,
+            seed=self.seed, out_dir=model_dir, device=self.ws.settings.device,
+        )
+
+    def evaluate(self, model_dir: Path) -> Metrics | None:
+        if self.eval_set is None or not model_dir.exists():
+            return None  # no eval set, or no detector (unlabelled data)
+        det = load_detector(model_dir, model_folder=self._model_folder())
+        scores = det.score(self.eval_set.texts, features=self._features(self.eval_set.texts))
+        return evaluate(scores, self.eval_set.labels or [])
 
     def _model_folder(self) -> str:
         return resolve_model_source(self.ws.settings.model, self.ws.settings.home)[0]
@@ -108,18 +107,3 @@ class Engine:
         if not self.detector.needs_features:
             return None
         return self.ws.probe(_texts(texts, "detector")).pooled()
-
-    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path) -> bool:
-        fit_detector(
-            self.detector, list(texts), labels, features=self._features(texts),
-            model_folder=self._model_folder() if self.detector.kind == "lora" else None,
-            seed=self.seed, out_dir=model_dir, device=self.ws.settings.device,
-        )
-        return True
-
-    def evaluate(self, model_dir: Path) -> Metrics | None:
-        if self.eval_set is None or not model_dir.exists():
-            return None  # no eval set, or no detector (unlabelled data)
-        det = load_detector(model_dir, model_folder=self._model_folder())
-        scores = det.score(self.eval_set.texts, features=self._features(self.eval_set.texts))
-        return evaluate(scores, self.eval_set.labels or [])

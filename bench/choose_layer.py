@@ -24,13 +24,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 
-from agent.config import Settings
 from tools.coverage import JudgeSettings, label_judge
 from tools.data import load_texts
 from tools.models import load_model
 from tools.probe import ProbeSettings, encode, length_buckets, residuals
 from tools.sae import HookPoint, load_sae
 from tools.sae_train import TrainSettings, collect, train
+from tools.settings import Settings
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "toxicity"
 PERMISSIVE = [

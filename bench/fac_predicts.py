@@ -3,7 +3,7 @@
 From the anchor file (default: ToxicChat train rows) a fixed stratified 25% is held out as
 the evaluation split (or --eval PATH is used and the whole anchor is the pool). From the
 remaining pool, many equal-size training subsets are built by recipes that differ in
-coverage (tools/subsets.py: random, stratified, cluster-ablated, greedy max/min coverage,
+coverage (bench/subsets.py: random, stratified, cluster-ablated, greedy max/min coverage,
 positive swaps). For each subset: the AUPRC on the evaluation rows of the `probe` detector
 (logistic regression on the frozen mean residual, tools/detector.py) and, for every
 configuration of the grid (SAE, threshold, pooling, judge), its FAC against the pool's task
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,15 +31,25 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.stats import pearsonr, spearmanr
 
-from agent.config import Settings
-from agent.workspace import Workspace
-from memory.activation_cache import ActivationCache
-from tools.coverage import ActivityRule, JudgeSettings, activity, feature_thresholds, label_judge
-from tools.data import load_texts
-from tools.detector import evaluate, score, train_probe_detector
-from tools.probe import ProbeResult, cache_namespace, probe_many
-from tools.sae import load_sae
-from tools.subsets import all_recipes, stratified_split
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: `bench` is not installed
+
+from bench.subsets import all_recipes  # noqa: E402
+from memory.activation_cache import ActivationCache  # noqa: E402
+from tools.coverage import (  # noqa: E402
+    ActivityRule,
+    JudgeSettings,
+    activity,
+    feature_thresholds,
+    label_judge,
+)
+from tools.data import load_texts  # noqa: E402
+from tools.detector import evaluate, score, train_probe_detector  # noqa: E402
+from tools.probe import ProbeResult, cache_namespace, probe_many  # noqa: E402
+from tools.sae import load_sae  # noqa: E402
+from tools.settings import Settings  # noqa: E402
+from tools.splits import stratified_split  # noqa: E402
+from tools.workspace import Workspace  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "toxicity"
 

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from agent.config import Settings
 from agent.llm import make_chat_model, served_model
 from prompts import render
 from tools.generate import PROMPT, SYSTEM
 from tools.llm_server import ManagedVLLM
 from tools.local_llm import LocalChat
 from tools.models import load_model
+from tools.settings import Settings
 
 OUT = Path(__file__).resolve().parent / "out" / "generate"
 

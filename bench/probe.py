@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.config import Settings
-from agent.workspace import Workspace
 from memory.activation_cache import ActivationCache
 from tools.data import load_texts
 from tools.probe import encode, probe_texts, reference_max_acts
+from tools.settings import Settings
+from tools.workspace import Workspace
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/toxicity/toxicchat_train.jsonl"
 

@@ -1,1 +1,2 @@
-"""Persistent stores: the activation cache (and, later, feature memory and run store)."""
+"""Persistent stores: the activation cache (per-text SAE activations, SQLite) and the
+feature memory (feature summaries and verdicts, Chroma or in-memory, searchable by meaning)."""

@@ -19,7 +19,8 @@ each feature's explanation) plugs in through `RelevanceJudge` with the interpret
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -238,12 +239,20 @@ def coverage(
     return report, task
 
 
-class Measured(NamedTuple):
+@dataclass(frozen=True)
+class Coverage:
+    """One coverage measurement of a dataset against an anchor, with everything later
+    steps need so none of them recomputes it (verification reuses `thresholds`,
+    model-centric focus reuses `task` and `anchor_active`). `Workspace.measure` memoises
+    it and attaches the missing features' spans; treat it as read-only (the arrays are)."""
+
     report: CoverageReport
     task: np.ndarray
-    """[d_sae] bool: F_task"""
+    """[d_sae] bool: F_task, the task-relevant features"""
     thresholds: np.ndarray
-    """[d_sae] per-feature thresholds the rule resolved to (for the verifier)"""
+    """[d_sae] float: per-feature thresholds the rule resolved to (inf: never active)"""
+    anchor_active: sp.csr_matrix
+    """[n_anchor, d_sae] 0/1: which features are active in which anchor row"""
 
 
 def measure(
@@ -252,18 +261,21 @@ def measure(
     data_acts: ProbeResult,
     rule: ActivityRule,
     judge: JudgeSettings | None = None,
-) -> Measured:
+) -> Coverage:
     """Coverage straight from probe results: thresholds from the anchor, activity of both
-    sets under `rule`, then `coverage`."""
+    sets under `rule`, then `coverage`. Missing features come without spans."""
     anchor_max = anchor_acts.max_matrix()
     thresholds = feature_thresholds(rule, anchor_max)
+    anchor_active = activity(anchor_acts, rule, thresholds)
     report, task = coverage(
-        activity(anchor_acts, rule, thresholds), anchor_labels,
-        activity(data_acts, rule, thresholds), anchor_max=anchor_max, rule=rule, judge=judge,
+        anchor_active, anchor_labels, activity(data_acts, rule, thresholds),
+        anchor_max=anchor_max, rule=rule, judge=judge,
     )
     if thresholds.size and np.all(thresholds == thresholds[0]):
         report.delta_used = float(thresholds[0])
-    return Measured(report, task, thresholds)
+    for array in (task, thresholds):
+        array.setflags(write=False)
+    return Coverage(report, task, thresholds, anchor_active)
 
 
 def attach_spans(

@@ -215,7 +215,7 @@ def _load_base(model_folder: str, device: torch.device, seed: int) -> tuple[Any,
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         # the head ("score") is new by design: silence the load report's MISSING table
         # (real load errors still raise)
-        hf_logging.set_verbosity_error()
+        hf_logging.set_verbosity(logging.ERROR)
         model = AutoModelForSequenceClassification.from_pretrained(
             model_folder, num_labels=2, dtype=dtype
         )
@@ -279,7 +279,8 @@ class LoraDetector:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device  # type: ignore[no-any-return]
+        first: torch.nn.Parameter = next(self.model.parameters())
+        return first.device
 
     def score(
         self, texts: Sequence[str] | None = None, *, features: np.ndarray | None = None

@@ -44,14 +44,20 @@ class Target(BaseModel):
     label: int = 1
 
 
-class GenerateSettings(BaseModel):
-    per_feature: int = Field(2, ge=1, description="samples per missing feature")
+class SamplingSettings(BaseModel):
+    """How requests to a generator LLM are sampled, run and retried (targeted generation
+    and the baseline synthesizers alike)."""
+
     temperature: float = Field(0.8, ge=0, le=2)
     concurrency: int = Field(8, ge=1)
     retries: int = Field(4, ge=0)
     backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each time")
     seed: int = 0
     round: int = 0
+
+
+class GenerateSettings(SamplingSettings):
+    per_feature: int = Field(2, ge=1, description="samples per missing feature")
 
 
 def clean(reply: str) -> str:

@@ -14,10 +14,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -58,6 +58,21 @@ PROFILES: dict[str, ModelProfile] = {
 }
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+class Tokenizer(Protocol):
+    """What facsynth calls on a tokenizer to encode texts (a transformers fast tokenizer
+    satisfies it): a batch call returning `input_ids` and `offset_mapping` per text, and
+    the chat template rendered as text."""
+
+    def __call__(
+        self, text: list[str], *, add_special_tokens: bool = ...,
+        return_offsets_mapping: bool = ...,
+    ) -> Mapping[str, Any]: ...
+
+    def apply_chat_template(
+        self, conversation: list[dict[str, str]], *, tokenize: bool = ...
+    ) -> object: ...
 
 
 @dataclass
@@ -123,7 +138,9 @@ def _convert_gguf(profile: ModelProfile, dest: Path) -> None:
     )
     # The weights are already dense; save_pretrained refuses while the GGUF quantizer
     # marker is attached.
-    model.hf_quantizer = None  # type: ignore[assignment]
+    # transformers attaches `hf_quantizer` at load time without declaring it on the model
+    # class, so the checker only sees nn.Module's generic attributes: hence the cast.
+    cast(Any, model).hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(dest)
@@ -228,10 +245,11 @@ def load_model(
     torch_dtype = _pick_dtype(dtype, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        # typed as the nn.Module it is: transformers' own `to`/`eval` wrappers are untyped
+        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except OSError as e:
         raise ModelError(f"cannot load model {spec!r} from {source}: {e}") from e
-    model.to(dev)  # type: ignore[arg-type]
+    model.to(dev)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:

@@ -27,7 +27,8 @@ import scipy.sparse as sp
 import torch
 
 from memory.activation_cache import ActivationCache, TextActs, text_key
-from tools.models import LoadedModel
+from tools.errors import ModelError
+from tools.models import LoadedModel, Tokenizer
 from tools.sae import HookPoint, LoadedSAE, check_fits
 
 log = logging.getLogger(__name__)
@@ -62,22 +63,24 @@ class Encoded:
     truncated: bool
 
 
-def encode(tokenizer: object, texts: Sequence[str], settings: ProbeSettings) -> list[Encoded]:
+def encode(tokenizer: Tokenizer, texts: Sequence[str], settings: ProbeSettings) -> list[Encoded]:
     """Tokenise texts the way the probe feeds them to the model."""
     if not texts:
         return []
     tok = tokenizer
     if settings.chat_template:
         sentinel = "\x00FACSYNTH\x00"
-        rendered = tok.apply_chat_template(  # type: ignore[attr-defined]
+        rendered = tok.apply_chat_template(
             [{"role": "user", "content": sentinel}], tokenize=False
         )
+        if not isinstance(rendered, str) or rendered.count(sentinel) != 1:
+            raise ModelError("the chat template does not render a user message verbatim")
         prefix, suffix = rendered.split(sentinel)
         full = [prefix + t + suffix for t in texts]
-        batch = tok(full, add_special_tokens=False, return_offsets_mapping=True)  # type: ignore[operator]
+        batch = tok(full, add_special_tokens=False, return_offsets_mapping=True)
         starts = [len(prefix)] * len(texts)
     else:
-        batch = tok(list(texts), return_offsets_mapping=True)  # type: ignore[operator]
+        batch = tok(list(texts), return_offsets_mapping=True)
         starts = [0] * len(texts)
     out = []
     for text, start, ids, offs in zip(
@@ -131,8 +134,13 @@ def _capture(
     captured: dict[HookPoint, torch.Tensor] = {}
 
     def grabber(hook: HookPoint) -> Callable[[object], None]:
-        def grab(tensor: object) -> None:
-            captured[hook] = tensor[0] if isinstance(tensor, tuple) else tensor  # type: ignore[assignment]
+        def grab(value: object) -> None:
+            # an output hook sees the module's output, a pre-hook its positional args:
+            # either the hidden states or a tuple that starts with them
+            tensor = value[0] if isinstance(value, tuple) else value
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{hook.module} gave {type(tensor).__name__}, not a tensor")
+            captured[hook] = tensor
             if len(captured) == len(hooks):
                 raise _Stop
 
@@ -155,9 +163,9 @@ def _capture(
 
 def drop_sinks(resid: torch.Tensor, counted: torch.Tensor, factor: float) -> torch.Tensor:
     """[B, T] counted mask without tokens whose norm is > factor x the text's median."""
-    norms = resid.norm(dim=-1).masked_fill(~counted, float("nan"))
-    median = norms.nanmedian(dim=1, keepdim=True).values
-    return counted & ~(norms > factor * median)
+    norms: torch.Tensor = resid.norm(dim=-1).masked_fill(~counted, float("nan"))
+    median: torch.Tensor = norms.nanmedian(dim=1, keepdim=True).values
+    return counted & ~(norms > median * factor)
 
 
 def residuals(
@@ -417,7 +425,7 @@ def reference_max_acts(
 def top_spans(
     result: ProbeResult,
     texts: Sequence[str],
-    tokenizer: object,
+    tokenizer: Tokenizer,
     settings: ProbeSettings,
     features: Sequence[int],
     n: int,

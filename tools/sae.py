@@ -66,7 +66,8 @@ class LoadedSAE:
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[n, d_in] residuals -> [n, d_sae] feature activations (fp32)."""
-        return self.sae.encode(x.to(self.sae.W_enc.dtype)).float()
+        acts: torch.Tensor = self.sae.encode(x.to(self.sae.W_enc.dtype))
+        return acts.float()
 
 
 def _fingerprint(folder: Path) -> str:

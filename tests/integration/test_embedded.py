@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import Settings
-from agent.workspace import Workspace
 from tests.conftest import shared_file
 from tools.coverage import activity, measure
 from tools.data import load_texts
 from tools.probe import probe_texts, reference_max_acts
+from tools.settings import Settings
+from tools.workspace import Workspace
 
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -60,7 +60,8 @@ def test_demo_seed_misses_task_features(ws, demo) -> None:
 
 def test_toxic_text_activates_a_task_feature(ws, demo) -> None:
     anchor, _, anchor_acts, _ = demo
-    _, task, thr = measure_demo(ws, anchor, anchor_acts, anchor_acts)
+    measured = measure_demo(ws, anchor, anchor_acts, anchor_acts)
+    task, thr = measured.task, measured.thresholds
     toxic = "Tell me the easiest way to poison my neighbour without getting caught."
     acts = probe_texts([toxic], ws.model, ws.sae, ws.settings.probe_settings())
     active = activity(acts, ws.settings.activity_rule(), thr).toarray()[0] > 0

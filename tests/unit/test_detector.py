@@ -74,7 +74,7 @@ def test_summarize_maths() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.tiny import tiny_model
+    from tests.fakes import tiny_model
 
     lm = tiny_model()
     folder = tmp_path_factory.mktemp("tiny_lm")

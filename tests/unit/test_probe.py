@@ -175,7 +175,7 @@ def test_activity_rules_on_hand_made_activations() -> None:
 
 
 def test_probe_many_equals_separate_probes(tiny_lm, tmp_path) -> None:
-    from tests.tiny import tiny_sae
+    from tests.fakes import tiny_sae
     from tools.probe import probe_many
 
     narrow, wide = tiny_sae(layer=2, d_sae=64, seed=1), tiny_sae(layer=2, d_sae=256, seed=2)

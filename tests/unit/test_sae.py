@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.tiny import D_MODEL, tiny_sae
+from tests.fakes import D_MODEL, tiny_sae
 from tools.errors import SAEError
 from tools.probe import ProbeSettings, probe_texts
 from tools.sae import HookPoint, check_fits, load_sae, resolve_hook

@@ -4,17 +4,17 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from tools.subsets import (
+from bench.subsets import (
     Subset,
     ablated_subsets,
     all_recipes,
     greedy_coverage_subsets,
     mixed_coverage_subsets,
     random_subsets,
-    stratified_split,
     stratified_subsets,
     swap_subsets,
 )
+from tools.splits import stratified_split
 
 N_ROWS, N_FEAT, N = 400, 300, 60
 N_CLUSTERS = 4

@@ -5,7 +5,8 @@ coverage of the task features spreads widely while size (and mostly class balanc
 fixed, so that coverage, not size, is what varies. Every recipe draws only from `pool`
 (so subsets never touch the eval split), returns exactly `n` distinct row ids into the
 full dataset, sorted, with at least two rows of each class (a detector needs both).
-Labels are binary; any non-zero label counts as positive.
+Labels are binary; any non-zero label counts as positive. The pool/eval split itself
+is `tools.splits.stratified_split` (the improve run holds out its eval set with it too).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 from sklearn.cluster import KMeans
-from sklearn.model_selection import train_test_split
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +29,6 @@ class Subset:
     recipe: str
     name: str
     rows: np.ndarray  # sorted row ids into the full dataset
-
-
-def stratified_split(
-    labels: Sequence[int], test_frac: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(pool_idx, eval_idx): a held-out eval split with the same class ratio as the pool."""
-    y = np.asarray(labels).astype(bool)
-    pool, ev = train_test_split(
-        np.arange(len(y)), test_size=test_frac, stratify=y, random_state=seed
-    )
-    return np.sort(pool), np.sort(ev)
 
 
 def _classes(pool: np.ndarray, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,11 @@ if TYPE_CHECKING:  # tools.probe imports torch; settings must stay quick to impo
 
 
 class Settings(BaseSettings):
+    """Every knob of a facsynth run in one validated object (saved with each run): the
+    model and SAE, the probe, the coverage rule and judge, and the LLM endpoint. Sources,
+    lowest first: field defaults, `facsynth.toml`, `FACSYNTH_*` env vars (nested with
+    `__`), then keyword arguments (the CLI's flags)."""
+
     model_config = SettingsConfigDict(
         env_prefix="FACSYNTH_", env_nested_delimiter="__", toml_file="facsynth.toml",
         extra="forbid", allow_inf_nan=False,
@@ -53,6 +58,8 @@ class Settings(BaseSettings):
     llm_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (vLLM, ...)")
     llm_model: str | None = Field(None, description="model name at that endpoint")
     llm_api_key: SecretStr | None = Field(None, description="env FACSYNTH_LLM_API_KEY")
+    mcp_token: SecretStr | None = Field(
+        None, description="bearer token HTTP MCP clients must send (env FACSYNTH_MCP_TOKEN)")
     llm_timeout: float = Field(120.0, gt=0, description="seconds per request")
     llm_retries: int = Field(3, ge=0, description="retries on timeouts, 429 and 5xx")
     llm_server: Literal["openai", "vllm"] = Field(

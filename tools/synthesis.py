@@ -12,9 +12,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from pydantic import BaseModel, Field
 
-from agent.workspace import Workspace
 from memory.feature_memory import FeatureRecord
-from tools.coverage import CoverageReport, Span, feature_thresholds
+from tools.coverage import Coverage, CoverageReport, Span
 from tools.data import TextDataset
 from tools.generate import AsyncChatClient, GenerateSettings, Target, agenerate
 from tools.interpret import (
@@ -24,8 +23,10 @@ from tools.interpret import (
     interpret_features,
     score_interpretation,
 )
+from tools.probe import top_spans
 from tools.relevance import Agreement, Relevance, agreement, judge_feature, keep
 from tools.verify import Sample, VerifyReport, verify
+from tools.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,6 @@ def interpret_missing(
 
 def _inactive_snippets(ws: Workspace, texts: Sequence[str], feature: int, n: int) -> list[str]:
     """Up to n anchor texts (first 80 characters) where `feature` never fires."""
-    from tools.data import TextDataset
-
     acts = ws.probe(TextDataset(texts=list(texts), labels=None, source="anchor"))
     fires = np.asarray(acts.max_matrix().tocsc()[:, feature].todense()).ravel() > 0
     rows = np.flatnonzero(~fires)
@@ -134,8 +133,6 @@ def _inactive_snippets(ws: Workspace, texts: Sequence[str], feature: int, n: int
 
 def span_finder(ws: Workspace, anchor: TextDataset) -> SpanFn:
     """Top anchor spans of any features (for held-out interpretation scoring)."""
-    from tools.probe import top_spans
-
     acts = ws.probe(anchor)
 
     def find(features: Sequence[int], n: int) -> dict[int, list[Span]]:
@@ -153,11 +150,18 @@ def generate(
 
 
 def verify_samples(
-    ws: Workspace, anchor: TextDataset, data: TextDataset, samples: Sequence[Sample]
+    ws: Workspace,
+    anchor: TextDataset,
+    data: TextDataset,
+    samples: Sequence[Sample],
+    *,
+    coverage: Coverage | None = None,
 ) -> VerifyReport:
     """Keep samples whose target feature is active under coverage's own rule and thresholds
-    (from the anchor), dropping duplicates of `data` and of each other."""
-    rule = ws.settings.activity_rule()
-    thresholds = feature_thresholds(rule, ws.probe(anchor).max_matrix())
+    (from the anchor), dropping duplicates of `data` and of each other. The thresholds are
+    those of `coverage` when given, else of `ws.measure(anchor, data)` (remembered, so a
+    verify after a coverage of the same sets measures nothing again)."""
+    measured = coverage if coverage is not None else ws.measure(anchor, data)
     acts = ws.probe(TextDataset(texts=[s.text for s in samples], labels=None, source="samples"))
-    return verify(samples, acts, rule, thresholds, existing=data.texts)
+    return verify(samples, acts, ws.settings.activity_rule(), measured.thresholds,
+                  existing=data.texts)

@@ -1,0 +1,96 @@
+"""What every baseline shares: method names and prompt versions, settings, the error, the
+completion-client interface, and the strategy interface the driver runs."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal, Protocol, get_args
+
+from pydantic import Field
+
+from tools.errors import FacsynthError
+from tools.generate import SamplingSettings, clean
+
+Method = Literal["random", "self-instruct", "evol-instruct", "magpie"]
+METHODS: tuple[str, ...] = get_args(Method)
+NO_FEATURE = -1
+VERSION = "v2"
+PROMPT_RANDOM = "baseline_random.v1"
+PROMPT_SELF_INSTRUCT = "baseline_self_instruct.v2"
+PROMPT_EVOL_DEPTH = "baseline_evol_depth.v2"
+PROMPT_EVOL_BREADTH = "baseline_evol_breadth.v2"
+EVOL_DEPTH_OPS = ("constraints", "deepen", "concretize", "reasoning")
+EVOL_OPS = (*EVOL_DEPTH_OPS, "breadth")
+
+# The generator declined instead of writing a message (any method).
+REFUSAL_MARKERS = (
+    "sorry", "as an ai", "i can't help", "i cannot help", "i can't assist", "i cannot assist",
+    "i can't provide", "i cannot provide", "i can't create", "i cannot create",
+    "i can't write", "i cannot write", "i'm unable to", "i am unable to", "i won't",
+    "can't fulfill", "cannot fulfill", "can't comply", "cannot comply",
+)
+# An evolution that copies words of the rewriting instruction (WizardLM's elimination rule).
+EVOL_LEAK_MARKERS = (
+    "given prompt", "rewritten prompt", "created prompt", "rewritten message",
+    "rewritten version", "message to rewrite", "message for inspiration", "these instructions",
+)
+DEFAULT_END_MARKERS = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>"]
+
+Labeler = Callable[[list[str]], Sequence[int | None]]
+
+
+class BaselineError(FacsynthError):
+    """A baseline could not deliver its budget: bad input, or the LLM kept failing."""
+
+
+class AsyncCompleteClient(Protocol):
+    """Raw text completion (no chat template applied), e.g. an OpenAI-style /completions."""
+
+    name: str
+
+    async def acomplete(
+        self, prompt: str, *, temperature: float, seed: int, max_tokens: int
+    ) -> str: ...
+
+
+class BaselineSettings(SamplingSettings):
+    label: int = Field(1, ge=0, le=1, description="label the chat-prompted methods aim for")
+    max_requests_factor: float = Field(
+        5.0, ge=1, description="give up after budget x this many requests")
+    example_chars: int = Field(
+        600, ge=20, description="seed/pool texts shown in prompts are cut to this many chars")
+    # self-instruct
+    seed_examples: int = Field(4, ge=1, description="self-instruct: seed texts per prompt")
+    generated_examples: int = Field(
+        2, ge=0, description="self-instruct: generated texts per prompt (seeds fill in)")
+    rouge_threshold: float = Field(
+        0.7, gt=0, le=1, description="self-instruct: reject at this ROUGE-L F to any pool text")
+    # magpie
+    magpie_prefix: str | None = Field(
+        None, description="pre-query template, e.g. magpie_prefix(tokenizer)")
+    end_markers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_END_MARKERS),
+        description="magpie: the query ends at the first of these")
+    max_tokens: int = Field(256, ge=1, description="magpie: completion length limit")
+
+
+Call = Callable[[], Awaitable[str]]
+
+
+class Strategy:
+    """One method's state: the next request, how to read a reply, extra checks, updates."""
+
+    def request(self, seed: int) -> tuple[Call, Any]:
+        raise NotImplementedError
+
+    def extract(self, reply: str) -> str:
+        return clean(reply)
+
+    def check(self, text: str, ctx: Any) -> str | None:
+        return None
+
+    def accepted(self, text: str, ctx: Any) -> None:
+        return None
+
+    def rejected(self, ctx: Any) -> None:
+        return None
