@@ -1,4 +1,5 @@
-"""The self-improvement loop as a LangGraph state machine (wiring only).
+"""The self-improvement loop as a LangGraph state machine: its state, its wiring and its
+stop rule (`decide`).
 
     load -> probe -> coverage -+-> interpret -> generate -> verify -> train -> evaluate -> decide
                                |  (round 0: measure the starting data, no synthesis)  ^      |
@@ -20,31 +21,10 @@ from typing import Any, Literal, TypedDict
 
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.graph import END, START, StateGraph
-from pydantic import BaseModel, ConfigDict, Field
 
-CHECKPOINTS = "checkpoints.sqlite"
+from tools.rundir import LoopSettings, RunPaths
+
 THREAD = "improve"
-
-
-class LoopSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    max_rounds: int = Field(3, ge=0, description="synthesis rounds at most")
-    budget: int = Field(400, ge=1, description="generated samples at most, all rounds")
-    epsilon: float = Field(0.01, ge=0, description="stop when a round's FAC gain is below this")
-    patience: int = Field(1, ge=1, description="stop after this many rounds without a better "
-                          "metric (AUPRC on the eval set)")
-    top: int = Field(10, ge=1, description="missing features targeted per round")
-    per_feature: int = Field(2, ge=1, description="samples generated per targeted feature")
-    per_round: int | None = Field(None, ge=1, description="generated samples per round at most")
-    fill: bool = Field(False, description="raise per_feature so each round spends per_round "
-                       "even when few features are missing")
-    temperature: float = Field(0.8, ge=0, le=2)
-    focus: Literal["data", "model", "both"] = Field(
-        "data", description="missing features: absent from the data (data), over-represented "
-        "in the detector's errors on anchor rows (model), or both",
-    )
-    seed: int = 0
 
 
 class LoopState(TypedDict, total=False):
@@ -109,7 +89,7 @@ def build(steps: Any, checkpointer: Any = None) -> Any:
 
 def checkpointer(run_dir: Path) -> SqliteSaver:
     """SQLite checkpoints in the run dir (shared across processes, so runs resume)."""
-    conn = sqlite3.connect(run_dir / CHECKPOINTS, check_same_thread=False)
+    conn = sqlite3.connect(RunPaths(run_dir).checkpoints, check_same_thread=False)
     return SqliteSaver(conn)
 
 

@@ -1,33 +1,37 @@
-"""Starting and resuming an improve run, shared by `facsynth improve`, the chat agent and the
-MCP server: what the run was started with (`RunConfig`, saved as `config.json`), its inputs,
-and `run_loop`, which drives the improve graph to its stop rule. Display is the caller's:
-hooks report nodes, rounds and progress bars; nothing here prints.
+"""The one factory of improve runs: `start_run` checks and records a new run, `run_loop`
+drives a new or resumed run's graph to its stop rule, `loop_graph` builds the graph itself
+(LangGraph Studio serves it without a checkpointer). `facsynth improve`, the chat and MCP
+tools, `langgraph.json`'s studio factory, the bench scripts and the tests all come through
+here. What a run holds on disk: tools/rundir.py. Display is the caller's: hooks report
+nodes, rounds and progress bars; nothing here prints.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from agent.config import Settings
 from tools.errors import ConfigError
+from tools.rundir import RunConfig, RunPaths
+from tools.settings import Settings
 
 if TYPE_CHECKING:
-    from agent.graph import LoopSettings
-    from agent.workspace import Workspace
+    from agent.steps import LoopEngine
     from tools.data import TextDataset
-    from tools.detector import DetectorSettings
-    from tools.report import RoundRecord
-
-CONFIG = "config.json"
-
+    from tools.rundir import RoundRecord
+    from tools.workspace import Workspace
 
 FLAGS = {"max_rounds": "rounds", "kind": "detector"}
 """Option fields whose command-line flag has another name."""
+
+Before = Callable[[str, int], None]
+OnRound = Callable[["RoundRecord"], None]
+ProgressFor = Callable[[str, int], Callable[[int], None] | None]
 
 
 def problems(e: ValidationError, flags: bool = False) -> str:
@@ -61,53 +65,12 @@ def build_settings(**overrides: Any) -> Settings:
 M = TypeVar("M", bound=BaseModel)
 
 
-def validated(model: type[M], what: str, **values: Any) -> M:
-    """`model(**values)`, its validation errors as one ConfigError naming the flags."""
+def validated(schema: type[M], what: str, /, **values: Any) -> M:
+    """`schema(**values)`, its validation errors as one ConfigError naming the flags."""
     try:
-        return model(**values)
+        return schema(**values)
     except ValidationError as e:
         raise ConfigError(f"invalid {what}: {problems(e, flags=True)}") from None
-
-
-class RunConfig(BaseModel):
-    """What `facsynth improve` was started with: `--resume` rebuilds the run from it."""
-
-    anchor: str
-    data: str
-    eval: str | None = None
-    eval_frac: float = 0.25
-    text_field: str = "text"
-    label_field: str = "label"
-    settings: dict[str, Any] = {}
-    loop: dict[str, Any] = {}
-    detector: dict[str, Any] = {}
-    relevance: str = "auto"
-
-    @classmethod
-    def read(cls, run_dir: Path) -> RunConfig:
-        path = run_dir / CONFIG
-        if not path.exists():
-            raise ConfigError(f"{path} not found: {run_dir} is not a facsynth improve run")
-        try:
-            return cls.model_validate_json(path.read_text(encoding="utf-8"))
-        except ValidationError as e:
-            first = e.errors()[0]
-            raise ConfigError(
-                f"{path}: not a `facsynth improve` config ({'.'.join(map(str, first['loc']))}: "
-                f"{first['msg']})"
-            ) from None
-
-
-def run_options(cfg: RunConfig) -> tuple[LoopSettings, DetectorSettings]:
-    """The loop and detector options of `cfg`, validated (one ConfigError naming the flag)."""
-    from agent.graph import LoopSettings
-    from tools.detector import DetectorSettings
-
-    if cfg.relevance not in ("label", "llm", "auto"):
-        raise ConfigError(f"--relevance {cfg.relevance!r}: use label, llm or auto")
-    loop = validated(LoopSettings, "improve options", **cfg.loop)
-    det = validated(DetectorSettings, "detector options", **cfg.detector)
-    return loop, det
 
 
 def _absolute(source: str | None) -> str | None:
@@ -118,86 +81,85 @@ def _absolute(source: str | None) -> str | None:
 
 
 def start_run(run: Path, cfg: RunConfig) -> RunConfig:
-    """Check everything a new run needs (settings, options, readable inputs), then write its
+    """Check everything a new run needs (settings, readable inputs), then write its
     `config.json`: a refused start leaves nothing behind, so the corrected command just works.
     Local input paths are stored absolute."""
-    from tools.data import write_text_atomic
-
-    if (run / CONFIG).exists():
+    if RunPaths(run).config.exists():
         raise ConfigError(f"{run} already holds a run: continue it with --resume {run}, or "
                           "choose another --run-dir")
     if run.exists() and not run.is_dir():
         raise ConfigError(f"--run-dir {run}: is a file; give a folder for the run")
     cfg = cfg.model_copy(update={"anchor": _absolute(cfg.anchor), "data": _absolute(cfg.data),
                                  "eval": _absolute(cfg.eval)})
-    build_settings(**cfg.settings)
-    run_options(cfg)
+    build_settings(**cfg.settings.given())
     load_run_inputs(cfg)
-    write_text_atomic(run / CONFIG, cfg.model_dump_json(indent=1))
+    cfg.write(run)
     return cfg
 
 
 def load_run_inputs(cfg: RunConfig) -> tuple[TextDataset, TextDataset, TextDataset]:
     """(anchor, data, eval): without an eval set, a fixed stratified share of the anchor is
     held out for evaluation and never used as anchor."""
-    from tools.data import TextDataset, load_texts
-    from tools.subsets import stratified_split
+    from tools.data import load_texts
+    from tools.splits import stratified_split
 
-    anchor = load_texts(cfg.anchor, text_field=cfg.text_field, label_field=cfg.label_field,
-                        require_labels=True)
-    data = load_texts(cfg.data, text_field=cfg.text_field, label_field=cfg.label_field)
+    load = partial(load_texts, text_field=cfg.text_field, label_field=cfg.label_field)
+    anchor = load(cfg.anchor, require_labels=True)
+    data = load(cfg.data)
     if cfg.eval:
-        ev = load_texts(cfg.eval, text_field=cfg.text_field, label_field=cfg.label_field,
-                        require_labels=True)
-        return anchor, data, ev
+        return anchor, data, load(cfg.eval, require_labels=True)
     assert anchor.labels is not None
     keep, held = stratified_split(anchor.labels, cfg.eval_frac, seed=0)
-
-    def part(idx: Any, name: str) -> TextDataset:
-        return TextDataset(texts=[anchor.texts[i] for i in idx],
-                           labels=[anchor.labels[i] for i in idx],  # type: ignore[index]
-                           source=f"{anchor.source} ({name})")
-
-    return part(keep, "anchor part"), data, part(held, f"held-out {cfg.eval_frac:.0%}")
+    return anchor.subset(keep), data, anchor.subset(held)
 
 
-def run_loop(
+@contextlib.contextmanager
+def loop_graph(
     run: Path,
     cfg: RunConfig,
-    resuming: bool,
     *,
     workspace: Workspace | None = None,
     llm: Any | None = None,
-    before: Callable[[str, int], None] | None = None,
-    on_round: Callable[[RoundRecord], None] | None = None,
-    progress: Callable[[str, int], Callable[[int], None] | None] | None = None,
-) -> dict[str, Any]:
-    """Run (or resume) the improve graph in `run` until its stop rule; the final state.
+    engine: LoopEngine | None = None,
+    before: Before | None = None,
+    on_round: OnRound | None = None,
+    progress: ProgressFor | None = None,
+    checkpoint: bool = True,
+) -> Iterator[Any]:
+    """The compiled improve graph of the run in `run`, for the duration of the block.
 
-    `workspace` and `llm` default to ones built from `cfg.settings` (the LLM is opened for
-    the duration of the run); hooks: `before(node, round)`, `on_round(record)`,
-    `progress(what, total) -> advance`."""
-    from agent.engine import Engine
-    from agent.graph import build, checkpointer, thread
-    from agent.llm import open_llm
+    The engine defaults to the real one (agent/engine.py) over `workspace` and `llm`, which
+    default to ones built from `cfg.settings` (the LLM is opened for the block); tests pass
+    their own `engine`. Hooks: `before(node, round)`, `on_round(record)`,
+    `progress(what, total) -> advance`. `checkpoint=False` leaves persistence to the caller
+    (the LangGraph server)."""
+    from agent.graph import build, checkpointer
     from agent.steps import Steps
-    from agent.workspace import Workspace
 
-    settings = workspace.settings if workspace is not None else build_settings(**cfg.settings)
-    loop, det = run_options(cfg)
     anchor, data, ev = load_run_inputs(cfg)
-    ws = workspace or Workspace(settings)
     with contextlib.ExitStack() as stack:
-        if llm is None:
-            llm = stack.enter_context(open_llm(settings, run, ws))
-        engine = Engine(ws, anchor, ev, llm, detector=det,
-                        relevance=cfg.relevance, seed=loop.seed,  # type: ignore[arg-type]
-                        progress=progress)
-        steps = Steps(run, engine, loop, data, before=before, on_round=on_round)
-        graph = build(steps, checkpointer(run))
+        if engine is None:
+            from agent.engine import Engine
+            from agent.llm import open_llm
+            from tools.workspace import Workspace
+
+            ws = workspace or Workspace(build_settings(**cfg.settings.given()))
+            if llm is None:
+                llm = stack.enter_context(open_llm(ws.settings, run, ws))
+            engine = Engine(ws, anchor, ev, llm, detector=cfg.detector,
+                            relevance=cfg.relevance, seed=cfg.loop.seed, progress=progress)
+        steps = Steps(run, engine, cfg.loop, data, before=before, on_round=on_round)
+        yield build(steps, checkpointer(run) if checkpoint else None)
+
+
+def run_loop(run: Path, cfg: RunConfig, resuming: bool, **parts: Any) -> dict[str, Any]:
+    """Run (or resume) the improve graph in `run` until its stop rule; the final state.
+    `parts` are `loop_graph`'s keyword arguments (workspace, llm, engine, hooks)."""
+    from agent.graph import thread
+
+    run.mkdir(parents=True, exist_ok=True)
+    with loop_graph(run, cfg, **parts) as graph:
         config = thread(run)
-        # "sync": each step's checkpoint is on disk before the next step starts, so a kill
-        # loses at most the step in flight (LangGraph's default writes it in the background)
         start: dict[str, Any] | None = {}
         if resuming:
             values = graph.get_state(config).values
@@ -206,4 +168,6 @@ def run_loop(
             # no checkpoint yet: start over; else continue from the last one (a step whose
             # writes were saved but not its checkpoint shows no `next`, yet is not the end)
             start = None if values else {}
+        # "sync": each step's checkpoint is on disk before the next step starts, so a kill
+        # loses at most the step in flight (LangGraph's default writes it in the background)
         return dict(graph.invoke(start, config, durability="sync"))

@@ -1,22 +1,13 @@
-"""The improve graph's nodes: run-directory bookkeeping around an `Engine` that does the
-heavy work (model, SAE, LLM, detector). Every node can be re-run after a crash and gives the
-same result: generated samples are journalled one by one as they arrive (a resumed round
-asks only for the missing ones), round files are written atomically, features are
-remembered in the feature memory, and state updates are computed from the pre-node state.
-
-Run directory layout:
-    config.json            what `facsynth improve` was started with (for --resume)
-    checkpoints.sqlite     LangGraph checkpoints
-    history.json           one record per round (tools.report.History)
-    data/round-N.jsonl     kept synthetic rows of round N
-    rejected/round-N.jsonl rejected rows with their reason
-    work/round-N.*         coverage, features, generation journal, verification summary
-    models/round-N/        the detector trained after round N
+"""The improve graph's nodes: run-directory bookkeeping (layout: tools/rundir.py) around a
+`LoopEngine` that does the heavy work (model, SAE, LLM, detector; agent/engine.py). Every
+node can be re-run after a crash and gives the same result: generated samples are journalled
+one by one as they arrive (a resumed round asks only for the missing ones), round files are
+written atomically, features are remembered in the feature memory, and state updates are
+computed from the pre-node state.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,21 +17,29 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from agent.graph import LoopSettings, LoopState, decide
-from agent.pipeline import Interpreted
+from agent.graph import LoopState, decide
 from tools.coverage import CoverageReport, MissingFeature
 from tools.data import TextDataset, write_text_atomic
 from tools.detector import Metrics
 from tools.generate import GenerateSettings, Target, job_seed
-from tools.report import History, Metric, RoundRecord
-from tools.report import MissingFeature as MissingSummary
+from tools.rundir import (
+    History,
+    LoopSettings,
+    Metric,
+    MissingSummary,
+    RoundRecord,
+    RunPaths,
+    read_samples,
+    write_rows,
+)
+from tools.synthesis import Interpreted
 from tools.verify import FeatureHits, Sample, VerifyReport
 
 log = logging.getLogger(__name__)
 
 
-class Engine(Protocol):
-    """The heavy work behind the nodes (agent/engine.py; tests use fakes)."""
+class LoopEngine(Protocol):
+    """The heavy work behind the nodes (agent/engine.py `Engine`; tests use fakes)."""
 
     def probe(self, texts: Sequence[str]) -> None: ...
     def coverage(self, texts: Sequence[str]) -> CoverageReport: ...
@@ -50,7 +49,7 @@ class Engine(Protocol):
     def generate(self, targets: Sequence[Target], settings: GenerateSettings,
                  skip: set[int], on_sample: Callable[[Sample], None]) -> list[Sample]: ...
     def verify(self, samples: Sequence[Sample], existing: Sequence[str]) -> VerifyReport: ...
-    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path) -> bool: ...
+    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path) -> None: ...
     def evaluate(self, model_dir: Path) -> Metrics | None: ...
 
 
@@ -69,10 +68,11 @@ class Steps:
     """One method per graph node. `before(node, round)` runs first in every node (progress
     display; tests inject crashes there); `on_round(record)` after each round's decision."""
 
-    def __init__(self, run_dir: Path, engine: Engine, loop: LoopSettings, data: TextDataset,
+    def __init__(self, run_dir: Path, engine: LoopEngine, loop: LoopSettings, data: TextDataset,
                  before: Hook | None = None,
                  on_round: Callable[[RoundRecord], None] | None = None) -> None:
         self.dir = run_dir
+        self.paths = RunPaths(run_dir)
         self.engine = engine
         self.loop = loop
         self.data = data
@@ -80,21 +80,12 @@ class Steps:
         self.on_round = on_round or (lambda rec: None)
         self._started = time.monotonic()
 
-    # -- files -------------------------------------------------------------------------
-    def path(self, kind: str, r: int, suffix: str = "jsonl") -> Path:
-        folder = "work" if kind not in ("data", "rejected") else kind
-        name = f"round-{r}.{suffix}" if folder != "work" else f"round-{r}.{kind}.{suffix}"
-        return self.dir / folder / name
-
     def rows(self, upto: int) -> tuple[list[str], list[int] | None]:
         """The data as of the end of round `upto`: the starting rows plus kept samples."""
         texts = list(self.data.texts)
         labels = list(self.data.labels) if self.data.labels is not None else None
         for r in range(1, upto + 1):
-            path = self.path("data", r)
-            if not path.exists():
-                continue
-            for s in read_samples(path):
+            for s in read_samples(self.paths.data(r)):
                 texts.append(s.text)
                 if labels is not None:
                     labels.append(1 if s.label is None else s.label)
@@ -103,8 +94,7 @@ class Steps:
     # -- nodes -------------------------------------------------------------------------
     def load(self, state: LoopState) -> dict[str, Any]:
         self.before("load", 0)
-        for sub in ("data", "rejected", "work", "models"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.paths.make()
         return {"round": 0, "generated_total": 0, "auprc": [], "stop_reason": None}
 
     def probe(self, state: LoopState) -> dict[str, Any]:
@@ -117,26 +107,26 @@ class Steps:
         r = state["round"]
         self.before("coverage", r)
         report = self.engine.coverage(self.rows(r - 1)[0])
-        write_text_atomic(self.path("coverage", r, "json"), report.model_dump_json(indent=1))
+        write_text_atomic(self.paths.work(r, "coverage"), report.model_dump_json(indent=1))
         return {"fac_before": report.fac, "fac": report.fac, "n_task": report.n_task,
                 "missing": [m.feature for m in report.missing]}
 
     def interpret(self, state: LoopState) -> dict[str, Any]:
         r = state["round"]
         self.before("interpret", r)
-        report = CoverageReport.model_validate_json(self.path("coverage", r, "json").read_text())
+        report = CoverageReport.model_validate_json(self.paths.work(r, "coverage").read_text())
         if self.loop.focus != "data":
             texts, labels = self.rows(r - 1)
             if labels is None:
                 raise ValueError("model-centric focus needs labelled data")
             chosen = self.engine.error_features(
-                texts, labels, self.dir / "models" / f"round-{r - 1}", self.loop.top)
+                texts, labels, self.paths.model(r - 1), self.loop.top)
             if self.loop.focus == "both":
                 seen = {m.feature for m in chosen}
                 chosen += [m for m in report.missing if m.feature not in seen]
             report = report.model_copy(update={"missing": chosen})
         found = self.engine.interpret(report, self.loop.top)
-        write_text_atomic(self.path("features", r, "json"), found.model_dump_json(indent=1))
+        write_text_atomic(self.paths.work(r, "features"), found.model_dump_json(indent=1))
         room = max(0, self.loop.budget - state.get("generated_total", 0))
         if self.loop.per_round is not None:
             room = min(room, self.loop.per_round)
@@ -162,7 +152,7 @@ class Steps:
         r = state["round"]
         self.before("generate", r)
         targets, seeds = self._jobs(state)
-        journal = self.path("generated", r)
+        journal = self.paths.journal(r)
         done = {s.provenance.seed for s in read_samples(journal, torn_ok=True)}
         _truncate_torn_line(journal)
         with journal.open("a", encoding="utf-8") as f:
@@ -180,22 +170,18 @@ class Steps:
         r = state["round"]
         self.before("verify", r)
         _, seeds = self._jobs(state)
-        by_seed = {s.provenance.seed: s for s in read_samples(self.path("generated", r))}
+        by_seed = {s.provenance.seed: s for s in read_samples(self.paths.journal(r))}
         lost = [s for s in seeds if s not in by_seed]
         if lost:
             raise RuntimeError(f"round {r}: {len(lost)} generated samples missing from the "
                                "journal; rerun with --resume to generate them")
         samples = [by_seed[s] for s in seeds]
         report = self.engine.verify(samples, self.rows(r - 1)[0])
-        write_text_atomic(self.path("data", r), "".join(
-            v.sample.model_dump_json() + "\n" for v in report.kept))
-        write_text_atomic(self.path("rejected", r), "".join(
-            json.dumps({**v.sample.model_dump(), "reason": v.reason,
-                        "activation": round(v.activation, 4)}) + "\n" for v in report.rejected))
+        write_rows(self.paths.data(r), self.paths.rejected(r), report.kept, report.rejected)
         summary = VerifySummary(generated=len(samples), kept=len(report.kept),
                                 rejected=len(report.rejected), hit_rate=report.hit_rate,
                                 per_feature=report.per_feature)
-        write_text_atomic(self.path("verify", r, "json"), summary.model_dump_json(indent=1))
+        write_text_atomic(self.paths.work(r, "verify"), summary.model_dump_json(indent=1))
         return {}
 
     def train(self, state: LoopState) -> dict[str, Any]:
@@ -205,19 +191,19 @@ class Steps:
         if labels is None:
             log.warning("the data has no labels: no detector is trained, metric stays empty")
             return {}
-        self.engine.train(texts, labels, self.dir / "models" / f"round-{r}")
+        self.engine.train(texts, labels, self.paths.model(r))
         return {}
 
     def evaluate(self, state: LoopState) -> dict[str, Any]:
         r = state["round"]
         self.before("evaluate", r)
         texts, _ = self.rows(r)
-        metric = self.engine.evaluate(self.dir / "models" / f"round-{r}")
+        metric = self.engine.evaluate(self.paths.model(r))
         report = self.engine.coverage(texts)
         summaries = self._summaries(r)
-        verified = (VerifySummary.model_validate_json(self.path("verify", r, "json").read_text())
+        verified = (VerifySummary.model_validate_json(self.paths.work(r, "verify").read_text())
                     if r > 0 else None)
-        history = History.load(self.dir) if (self.dir / "history.json").exists() else History()
+        history = History.load_or_new(self.dir)
         history.record(RoundRecord(
             round=r, fac=report.fac, n_task=report.n_task, n_missing=len(report.missing),
             missing=[MissingSummary(feature=m.feature, summary=summaries.get(m.feature, ""),
@@ -238,7 +224,7 @@ class Steps:
     def _summaries(self, upto: int) -> dict[int, str]:
         out: dict[int, str] = {}
         for r in range(1, upto + 1):
-            path = self.path("features", r, "json")
+            path = self.paths.work(r, "features")
             if path.exists():
                 found = Interpreted.model_validate_json(path.read_text())
                 out.update({f.record.feature: f.record.summary for f in found.features})
@@ -254,25 +240,6 @@ class Steps:
         history.save(self.dir)
         self.on_round(record)
         return {"stop_reason": reason} if reason else {"round": r + 1, "stop_reason": None}
-
-
-def read_samples(path: Path, torn_ok: bool = False) -> list[Sample]:
-    """Samples of a JSONL file; with `torn_ok`, a half-written last line (a process killed
-    mid-write) is ignored."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(Sample.model_validate_json(line))
-        except ValueError:
-            if torn_ok and i == len(lines) - 1:
-                break
-            raise
-    return out
 
 
 def _truncate_torn_line(path: Path) -> None:

@@ -12,70 +12,69 @@ vLLM server) are made once per process, on first use, and released at exit.
   (default: the working directory); needs a tool-calling endpoint or the managed vLLM.
 """
 
-from __future__ import annotations
-
 import atexit
 import contextlib
-import os
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from agent.runs import RunConfig, build_settings
-from agent.toolbox import LazyLLM, Toolbox
+from pydantic import Field
+
+from agent.llm import LazyLLM
+from agent.runs import build_settings
+from agent.toolbox import Toolbox
+from tools.rundir import LoopSettings, RunConfig, RunPaths
+from tools.settings import Settings
+
+
+class StudioSettings(Settings):
+    """Settings plus what the studio graphs need (env FACSYNTH_RUN_DIR, FACSYNTH_ANCHOR,
+    FACSYNTH_DATA, FACSYNTH_ROOT)."""
+
+    run_dir: Path = Field(Path("runs/studio"), description="the improve graph's run folder")
+    anchor: str = Field("examples/anchor.jsonl", description="a new run's anchor set")
+    data: str = Field("examples/seed.jsonl", description="a new run's data")
+    root: Path = Field(Path("."), description="the chat tools' workspace root")
+
 
 _resources = contextlib.ExitStack()
 atexit.register(_resources.close)
 
 
-def _run_config(run: Path) -> RunConfig:
-    from agent.graph import LoopSettings
-    from agent.runs import CONFIG
-
-    if (run / CONFIG).exists():
+def _run_config(settings: StudioSettings) -> RunConfig:
+    run = settings.run_dir
+    if RunPaths(run).config.exists():
         return RunConfig.read(run)
-    return RunConfig(
-        anchor=os.environ.get("FACSYNTH_ANCHOR", "examples/anchor.jsonl"),
-        data=os.environ.get("FACSYNTH_DATA", "examples/seed.jsonl"),
-        loop=LoopSettings(max_rounds=2, top=8, per_feature=3).model_dump(),
-        relevance="label",
-    )
+    return RunConfig(anchor=settings.anchor, data=settings.data, relevance="label",
+                     loop=LoopSettings(max_rounds=2, top=8, per_feature=3))
 
 
 def improve_graph(config: Any = None) -> Any:
     """The improve loop (agent/graph.py) over the real engine; see the module doc."""
-    from agent.engine import Engine
-    from agent.graph import LoopSettings, build
     from agent.llm import open_llm
-    from agent.runs import load_run_inputs
-    from agent.steps import Steps
-    from agent.workspace import Workspace
-    from tools.detector import DetectorSettings
+    from agent.runs import loop_graph
+    from tools.workspace import Workspace
 
-    run = Path(os.environ.get("FACSYNTH_RUN_DIR", "runs/studio"))
-    cfg = _run_config(run)
-    settings = build_settings(**cfg.settings)
-    loop = LoopSettings.model_validate(cfg.loop)
-    anchor, data, ev = load_run_inputs(cfg)
-    ws = Workspace(settings)
+    studio = StudioSettings()
+    run = studio.run_dir
+    cfg = _run_config(studio)
+    ws = Workspace(build_settings(**cfg.settings.given()))
 
     @cache
     def llm() -> Any:
         run.mkdir(parents=True, exist_ok=True)
-        return _resources.enter_context(open_llm(settings, run, ws))
+        return _resources.enter_context(open_llm(ws.settings, run, ws))
 
-    engine = Engine(ws, anchor, ev, LazyLLM(llm),
-                    detector=DetectorSettings.model_validate(cfg.detector),
-                    relevance=cfg.relevance, seed=loop.seed)  # type: ignore[arg-type]
-    return build(Steps(run, engine, loop, data))
+    return _resources.enter_context(
+        loop_graph(run, cfg, workspace=ws, llm=LazyLLM(llm), checkpoint=False))
 
 
 @cache
 def _chat_parts() -> tuple[Toolbox, Any]:
     from agent.chat import open_chat_model
 
-    settings = build_settings()
-    box = _resources.enter_context(Toolbox(settings, os.environ.get("FACSYNTH_ROOT", ".")))
+    settings = StudioSettings()
+    box = _resources.enter_context(Toolbox(settings, settings.root))
     model, client = _resources.enter_context(open_chat_model(settings, box.root))
     if client is not None:
         box.use_llm(client)

@@ -39,12 +39,8 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.config import Settings  # noqa: E402
-from agent.engine import Engine  # noqa: E402
-from agent.graph import LoopSettings, build, checkpointer, thread  # noqa: E402
 from agent.llm import open_llm  # noqa: E402
-from agent.steps import Steps, read_samples  # noqa: E402
-from agent.workspace import Workspace  # noqa: E402
+from agent.runs import run_loop, start_run  # noqa: E402
 from tools.baselines import BaselineSettings, magpie_prefix, synthesize  # noqa: E402
 from tools.data import TextDataset, load_texts, write_text_atomic  # noqa: E402
 from tools.detector import (  # noqa: E402
@@ -54,9 +50,17 @@ from tools.detector import (  # noqa: E402
     fit_detector,
     summarize,
 )
-from tools.report import History  # noqa: E402
-from tools.subsets import stratified_split  # noqa: E402
+from tools.rundir import (  # noqa: E402
+    History,
+    LoopSettings,
+    RunConfig,
+    RunPaths,
+    read_samples,
+)
+from tools.settings import Settings  # noqa: E402
+from tools.splits import stratified_split  # noqa: E402
 from tools.verify import Sample  # noqa: E402
+from tools.workspace import Workspace  # noqa: E402
 
 BASELINES = ["random", "self-instruct", "evol-instruct", "magpie"]
 METHODS = ["seed", "full", "fac", "fac-r2", "fac-relabel", *BASELINES]
@@ -110,24 +114,28 @@ def label_with(scorer: Scorer, model: Any, samples: list[Sample]) -> list[Sample
 
 def run_fac(ws: Workspace, llm: Any, pool: TextDataset, ev: TextDataset, seed_set: TextDataset,
             args: argparse.Namespace, run_dir: Path, seed: int) -> list[list[Sample]]:
-    """The real improve graph for two rounds; returns the kept samples of rounds 1 and 2."""
+    """The real improve loop (agent/runs.py) for two rounds; returns the kept samples of
+    rounds 1 and 2. Its inputs are written into the run folder, so a rerun resumes."""
+    inputs = run_dir / "inputs"
+    for name, part in (("pool", pool), ("seed", seed_set), ("eval", ev)):
+        assert part.labels is not None
+        write_text_atomic(inputs / f"{name}.jsonl", "".join(
+            json.dumps({"text": t, "label": y}) + "\n"
+            for t, y in zip(part.texts, part.labels, strict=True)))
     loop = LoopSettings(max_rounds=2, budget=2 * args.budget, per_round=args.budget, fill=True,
                         top=args.top, per_feature=2, epsilon=0.0, patience=100, seed=seed)
-    engine = Engine(ws, pool, ev, llm, relevance=args.relevance, seed=seed)
-    steps = Steps(run_dir, engine, loop, seed_set,
-                  before=lambda node, r: logging.info("seed %d round %d: %s", seed, r, node))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    graph = build(steps, checkpointer(run_dir))
-    snap = graph.get_state(thread(run_dir))
-    if not snap.values:
-        graph.invoke({}, thread(run_dir))
-    elif snap.next:
-        graph.invoke(None, thread(run_dir))
+    cfg = RunConfig(anchor=str(inputs / "pool.jsonl"), data=str(inputs / "seed.jsonl"),
+                    eval=str(inputs / "eval.jsonl"), relevance=args.relevance, loop=loop)
+    resuming = RunPaths(run_dir).config.exists()
+    if not resuming:
+        cfg = start_run(run_dir, cfg)
+    run_loop(run_dir, cfg, resuming, workspace=ws, llm=llm,
+             before=lambda node, r: logging.info("seed %d round %d: %s", seed, r, node))
     hist = History.load(run_dir)
     for r in hist.rounds[1:]:
         print(f"  seed {seed} fac round {r.round}: generated {r.generated}, kept {r.kept} "
               f"(hit rate {r.hit_rate:.0%}), FAC {r.fac:.3f}", flush=True)
-    return [read_samples(run_dir / "data" / f"round-{r}.jsonl") for r in (1, 2)]
+    return [read_samples(RunPaths(run_dir).data(r)) for r in (1, 2)]
 
 
 def main() -> None:

@@ -1,198 +1,35 @@
 """The run report: what an improvement run did, round by round, as one HTML page.
 
-An improvement run directory R holds
-
-- `R/history.json`: `{"rounds": [RoundRecord, ...]}`, round 0 being the starting data;
-- `R/data/round-N.jsonl`: the kept synthetic rows of round N (`tools.verify.Sample`);
-- `R/rejected/round-N.jsonl`: the rejected rows of round N plus their `reason`.
-
-`History` is shared by the loop (which appends and saves it after every round) and by
-`write_report`, which renders `R/report.html` and the charts under `R/report/`. The page
-needs no network: styles are inline and images are referenced relatively.
+`write_report` reads a run directory (layout and records: tools/rundir.py) and renders
+`R/report.html` and the charts under `R/report/`. The page needs no network: styles are
+inline and images are referenced relatively.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar, overload
-
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from typing import Any
 
 from tools.data import write_text_atomic
 from tools.errors import DataError
+from tools.rundir import (
+    History,
+    RejectedSample,
+    RoundRecord,
+    RunPaths,
+    read_samples,
+)
 from tools.verify import FeatureHits, Sample
 
 logger = logging.getLogger(__name__)
 
-HISTORY_FILE = "history.json"
-REPORT_FILE = "report.html"
-IMAGE_DIR = "report"
 TEMPLATE = "report.html.j2"
 TOP_FEATURES = 30
-
-
-# -- the run's records ---------------------------------------------------------------------
-
-
-class MissingFeature(BaseModel):
-    feature: int
-    summary: str = Field("", description="the interpreter's one-line description")
-    log_odds: float = Field(0.0, description="task relevance (positives vs negatives)")
-
-
-class Metric(BaseModel):
-    auprc: float
-    auroc: float
-    best_f1: float
-
-
-class RoundRecord(BaseModel):
-    """What one round measured and did; round 0 is the starting data, before synthesis."""
-
-    round: int = Field(ge=0)
-    fac: float = Field(description="feature activation coverage after this round")
-    n_task: int = Field(ge=0, description="task-relevant features")
-    n_missing: int = Field(ge=0, description="task features still missing after this round")
-    missing: list[MissingFeature] = Field(default_factory=list)
-    generated: int = 0
-    kept: int = 0
-    rejected: int = 0
-    hit_rate: float = 0.0
-    per_feature: dict[int, FeatureHits] = Field(default_factory=dict)
-    metric: Metric | None = None
-    n_train: int = 0
-    stop_reason: str | None = None
-    seconds: float = 0.0
-
-
-class History(BaseModel):
-    rounds: list[RoundRecord] = Field(default_factory=list)
-
-    @field_validator("rounds")
-    @classmethod
-    def _ascending(cls, rounds: list[RoundRecord]) -> list[RoundRecord]:
-        numbers = [r.round for r in rounds]
-        if numbers != sorted(set(numbers)):
-            raise ValueError(f"round numbers must be unique and ascending, got {numbers}")
-        return rounds
-
-    @classmethod
-    def load(cls, run_dir: str | Path) -> History:
-        """Read `run_dir/history.json`; any problem is a DataError naming the file."""
-        path = history_path(run_dir)
-        if not path.is_file():
-            problem = "is not a file" if path.exists() else "not found"
-            raise DataError(
-                f"{path}: {problem}; pass the directory of an improvement run "
-                "(the loop writes history.json there after round 0)"
-            )
-        try:
-            return cls.model_validate_json(path.read_bytes())
-        except ValidationError as exc:
-            raise DataError(f"{path}: {_first_problem(exc)}; {_REPAIR}") from exc
-
-    def save(self, run_dir: str | Path) -> Path:
-        """Write `run_dir/history.json` atomically (temp file + rename); returns the path."""
-        path = history_path(run_dir)
-        write_text_atomic(path, self.model_dump_json(indent=1) + "\n")
-        return path
-
-    def record(self, rec: RoundRecord) -> None:
-        """Add a round, replacing an earlier record of the same round (a resumed run)."""
-        self.rounds = sorted(
-            [r for r in self.rounds if r.round != rec.round] + [rec], key=lambda r: r.round
-        )
-
-    @property
-    def last(self) -> RoundRecord | None:
-        return self.rounds[-1] if self.rounds else None
-
-    @property
-    def stop_reason(self) -> str | None:
-        """The latest stop reason recorded, None while the run has not stopped."""
-        return next((r.stop_reason for r in reversed(self.rounds) if r.stop_reason), None)
-
-
-class RejectedSample(Sample):
-    reason: str
-
-
-_REPAIR = "restore the file or re-run the loop with this run directory to rewrite it"
-
-
-def _first_problem(exc: ValidationError) -> str:
-    errors = exc.errors()
-    if errors and errors[0]["type"] == "json_invalid":
-        return f"not valid JSON ({errors[0].get('ctx', {}).get('error', 'malformed')})"
-    parts = []
-    for err in errors[:3]:
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-        parts.append(f"{loc.lstrip('.') or 'top level'}: {err['msg']}")
-    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-    return "; ".join(parts) + more
-
-
-# -- run directory layout and sample files -------------------------------------------------
-
-
-def history_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / HISTORY_FILE
-
-
-def data_path(run_dir: str | Path, round_: int) -> Path:
-    """Kept synthetic rows of a round."""
-    return Path(run_dir) / "data" / f"round-{round_}.jsonl"
-
-
-def rejected_path(run_dir: str | Path, round_: int) -> Path:
-    return Path(run_dir) / "rejected" / f"round-{round_}.jsonl"
-
-
-def write_samples(path: Path, samples: Iterable[BaseModel]) -> None:
-    """Write samples as JSONL atomically (one JSON object per line, ASCII-safe)."""
-    lines = [json.dumps(s.model_dump(mode="json")) + "\n" for s in samples]
-    write_text_atomic(path, "".join(lines))
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-@overload
-def read_samples(path: Path, *, skipped: list[str] | None = None) -> list[Sample]: ...
-
-
-@overload
-def read_samples(path: Path, model: type[M], *, skipped: list[str] | None = None) -> list[M]: ...
-
-
-def read_samples(
-    path: Path, model: type[BaseModel] = Sample, *, skipped: list[str] | None = None
-) -> list[Any]:
-    """Read a sample JSONL file; a missing file is empty.
-
-    A bad line raises DataError naming file and line, or, when `skipped` is given, is
-    described there and left out (the report shows what it could not read).
-    """
-    if not path.is_file():
-        return []
-    out: list[BaseModel] = []
-    for lineno, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            out.append(model.model_validate_json(raw))
-        except ValidationError as exc:
-            msg = f"{path} line {lineno}: {_first_problem(exc)}"
-            if skipped is None:
-                raise DataError(f"{msg}; fix or remove the line") from exc
-            skipped.append(msg)
-    return out
 
 
 # -- the report ----------------------------------------------------------------------------
@@ -207,24 +44,22 @@ def write_report(
     sample files; unreadable sample lines are skipped and listed in the report.
     """
     run_dir = Path(run_dir)
+    paths = RunPaths(run_dir)
     history = History.load(run_dir)
     if not history.rounds:
-        raise DataError(
-            f"{history_path(run_dir)}: no rounds recorded yet; run at least round 0 first"
-        )
+        raise DataError(f"{paths.history}: no rounds recorded yet; run at least round 0 first")
     skipped: list[str] = []
     kept: dict[int, list[Sample]] = {
-        r.round: read_samples(data_path(run_dir, r.round), skipped=skipped) for r in history.rounds
+        r.round: read_samples(paths.data(r.round), skipped=skipped) for r in history.rounds
     }
-    rejected = {r.round: read_samples(rejected_path(run_dir, r.round), RejectedSample,
-                                      skipped=skipped)
+    rejected = {r.round: read_samples(paths.rejected(r.round), RejectedSample, skipped=skipped)
                 for r in history.rounds}
     for msg in skipped:
         logger.warning("report: skipped %s", msg)
 
     summaries = _summaries(history.rounds)
     totals = _feature_totals(history.rounds)
-    images = _charts(history.rounds, totals, run_dir / IMAGE_DIR)
+    images = _charts(history.rounds, totals, paths.images)
     context = {
         "run_dir": str(run_dir),
         "title": f"facsynth run report: {run_dir.resolve().name}",
@@ -233,12 +68,12 @@ def write_report(
         "first": history.rounds[0],
         "last": history.rounds[-1],
         "stop_reason": history.stop_reason,
-        "images": {k: f"{IMAGE_DIR}/{name}" for k, name in images.items()},
+        "images": {k: f"{paths.images.name}/{name}" for k, name in images.items()},
         "features": _feature_views(totals, summaries, kept, samples_per_feature),
         "skipped": skipped,
     }
     html = _template().render(**context)
-    out = run_dir / REPORT_FILE
+    out = paths.report
     # character references keep the page readable whatever encoding the file is written in
     write_text_atomic(out, html.encode("ascii", "xmlcharrefreplace").decode("ascii"))
     logger.info("report written to %s", out)

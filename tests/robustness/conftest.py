@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import mean_residual, tiny_model, tiny_sae
+from tests.fakes import mean_residual, tiny_model, tiny_sae
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

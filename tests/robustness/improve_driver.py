@@ -20,10 +20,9 @@ from typing import Any
 
 from agent.graph import LoopSettings
 from agent.runs import RunConfig, build_settings, run_loop, start_run
-from agent.workspace import Workspace
 from memory.feature_memory import InMemoryFeatureMemory
-from tests.integration.test_pipeline import EchoLLM
-from tests.unit.test_feature_memory import bag_of_words
+from tests.fakes import EchoLLM, bag_of_words
+from tools.workspace import Workspace
 
 LOOP = LoopSettings(max_rounds=2, top=3, per_feature=3, budget=100, epsilon=0.0, patience=5)
 

@@ -2,7 +2,7 @@
 
 Each case runs the real console entry point (`agent.cli.run`, what the `facsynth` script
 calls) in-process from a scratch folder holding copies of the demo files; the cases that need
-a model use the tiny random-weight one from tests/tiny.py, saved as a local folder.
+a model use the tiny random-weight one from tests/fakes.py, saved as a local folder.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ IMPROVE = ["improve", "--anchor", "anchor.jsonl", "--data", "seed.jsonl", "--run
     (["--epsilon", "-1"], ["--epsilon"]),
     (["--focus", "bogus"], ["--focus", "'data', 'model' or 'both'"]),
     (["--detector", "bogus"], ["--detector", "'probe' or 'lora'"]),
-    (["--relevance", "bogus"], ["--relevance", "label, llm or auto"]),
+    (["--relevance", "bogus"], ["--relevance", "'bogus' is not one of 'label', 'llm', 'auto'"]),
     (["--rounds", "-1"], ["--rounds"]),
     (["--epsilon", "nan"], ["--epsilon", "finite"]),
 ])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from memory.activation_cache import ActivationCache
-from tests.tiny import D_MODEL
+from tests.fakes import D_MODEL
 from tools import models as models_mod
 from tools import probe as probe_mod
 from tools.coverage import ActivityRule, measure

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import NODES, final_data
 from tests.robustness.improve_driver import main
-from tests.unit.test_graph import NODES, final_data
 
 REPO = Path(__file__).resolve().parents[2]
 

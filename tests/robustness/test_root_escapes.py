@@ -14,11 +14,13 @@ import anyio
 import pytest
 from mcp import Client
 
-from agent.config import Settings
 from agent.mcp_server import build_server
-from agent.toolbox import STATE_DIR, PathRefused, Toolbox
+from agent.sandbox import STATE_DIR, PathRefused
+from agent.toolbox import Toolbox
 from tools.coverage import CoverageReport, MissingFeature, Span
 from tools.data import write_text_atomic
+from tools.errors import UsageError
+from tools.settings import Settings
 
 PRECIOUS = "precious: must never be overwritten\n"
 
@@ -159,7 +161,7 @@ def test_cache_file_link_out_refused(root: Path, outside: Path, tmp_path: Path) 
     cache = root / box.coverage("anchor.jsonl", "seed.jsonl").report_path
     cache.unlink()
     cache.symlink_to(outside / "target.txt")
-    box._reports.clear()  # forget the report held in memory: the next call reads the cache
+    box.coverage_cache.forget()  # the next call reads the cache file
     with pytest.raises(PathRefused, match="outside the workspace root"):
         box.coverage("anchor.jsonl", "seed.jsonl")
     untouched(outside)
@@ -217,7 +219,7 @@ def test_rejected_sibling_may_not_be_an_input(root: Path, tmp_path: Path) -> Non
     box = make_box(root, tmp_path)
     (root / "synth.rejected.jsonl").symlink_to(root / "seed.jsonl")
     before = (root / "seed.jsonl").read_text()
-    with pytest.raises(ValueError, match="would overwrite an input dataset"):
+    with pytest.raises(UsageError, match="would overwrite an input dataset"):
         box.generate_and_verify("anchor.jsonl", "seed.jsonl", [7], out="synth.jsonl")
     assert (root / "seed.jsonl").read_text() == before
 

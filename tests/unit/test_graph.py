@@ -4,110 +4,31 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
-from agent.graph import LoopSettings, build, checkpointer, decide, thread
-from agent.pipeline import Feature, Interpreted
-from agent.steps import Steps
-from memory.feature_memory import FeatureRecord
-from tools.coverage import ActivityRule, CoverageReport, MissingFeature
-from tools.data import TextDataset
-from tools.detector import Metrics
-from tools.generate import GenerateSettings, Target, job_seed
-from tools.report import History
-from tools.verify import FeatureHits, Sample, Verdict, VerifyReport
-
-TASK = list(range(1, 9))  # eight task features; a text covers feature f if it has "<f>"
-
-
-class Crash(Exception):
-    pass
-
-
-class FakeEngine:
-    def __init__(self, crash_after_samples: int | None = None, delay: float = 0.0) -> None:
-        self.interpreted: Counter[int] = Counter()
-        self.crash_after = crash_after_samples
-        self.delay = delay
-
-    def probe(self, texts: Sequence[str]) -> None:
-        pass
-
-    def coverage(self, texts: Sequence[str]) -> CoverageReport:
-        have = {int(t) for text in texts for t in re.findall(r"<(\d+)>", text)}
-        missing = [MissingFeature(feature=f, pos_support=3, neg_support=0, log_odds=9 - f,
-                                  anchor_max=5.0) for f in TASK if f not in have]
-        covered = len(TASK) - len(missing)
-        return CoverageReport(
-            rule=ActivityRule(), judge="label", n_anchor=10, n_data=len(texts),
-            n_active_anchor=20, n_task=len(TASK), n_task_in_anchor=len(TASK), n_covered=covered,
-            fac=covered / len(TASK), anchor_fac=1.0, missing=missing, saturated=False)
-
-    def error_features(self, texts, labels, model_dir, limit):  # type: ignore[no-untyped-def]
-        return []
-
-    def interpret(self, report: CoverageReport, limit: int) -> Interpreted:
-        feats = []
-        for m in report.missing[:limit]:
-            self.interpreted[m.feature] += 1
-            rec = FeatureRecord(feature=m.feature, summary=f"theme {m.feature}")
-            feats.append(Feature(record=rec, log_odds=m.log_odds, targeted=m.feature != 8))
-        return Interpreted(relevance="label", features=feats)
-
-    def generate(self, targets: Sequence[Target], settings: GenerateSettings, skip: set[int],
-                 on_sample: Callable[[Sample], None]) -> list[Sample]:
-        out = []
-        for t in targets:
-            for k in range(settings.per_feature):
-                seed = job_seed(settings, t.feature, k)
-                if seed in skip:
-                    continue
-                if self.crash_after is not None and len(out) == self.crash_after:
-                    self.crash_after = None
-                    raise Crash("killed mid-generation")
-                hit = (seed + t.feature) % 3 != 0
-                text = f"about <{t.feature}> #{seed}" if hit else f"off-topic #{seed}"
-                s = Sample.model_validate({"text": text, "label": 1, "provenance": {
-                    "feature": t.feature, "round": settings.round, "seed": seed}})
-                time.sleep(self.delay)
-                on_sample(s)
-                out.append(s)
-        return out
-
-    def verify(self, samples: Sequence[Sample], existing: Sequence[str]) -> VerifyReport:
-        kept, rejected, hits = [], [], {}
-        for s in samples:
-            f = s.provenance.feature
-            on = f"<{f}>" in s.text
-            h = hits.setdefault(f, FeatureHits(generated=0, activated=0, kept=0))
-            h.generated += 1
-            h.activated += on
-            h.kept += on
-            (kept if on else rejected).append(
-                Verdict(sample=s, reason="kept" if on else "target_inactive", activation=1.0))
-        return VerifyReport(kept=kept, rejected=rejected, per_feature=hits)
-
-    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path) -> bool:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / "n.json").write_text(json.dumps(len(texts)))
-        return True
-
-    def evaluate(self, model_dir: Path) -> Metrics | None:
-        n = json.loads((model_dir / "n.json").read_text())
-        return Metrics(auprc=min(1.0, n / 40), auroc=0.5, best_f1=0.5, n=10, n_positive=5)
-
+from agent.graph import decide
+from agent.runs import run_loop
+from tests.fakes import NODES, Crash, FakeEngine, final_data
+from tools.data import TextDataset, write_text_atomic
+from tools.rundir import LoopSettings, RunConfig
 
 DATA = TextDataset(texts=["hello <1>", "harmless", "bad <2>"], labels=[0, 0, 1], source="seed")
 LOOP = LoopSettings(max_rounds=2, top=4, per_feature=3, budget=100, epsilon=0.0)
+
+
+def config(run_dir: Path, loop: LoopSettings) -> RunConfig:
+    """A run of DATA (its rows double as anchor and eval set: the fake engine ignores them)."""
+    inputs = run_dir.parent / f"{run_dir.name}-inputs.jsonl"
+    assert DATA.labels is not None
+    write_text_atomic(inputs, "".join(json.dumps({"text": t, "label": y}) + "\n"
+                                      for t, y in zip(DATA.texts, DATA.labels, strict=True)))
+    return RunConfig(anchor=str(inputs), data=str(inputs), eval=str(inputs), loop=loop)
 
 
 def run(run_dir: Path, engine: FakeEngine, loop: LoopSettings = LOOP,
@@ -116,23 +37,11 @@ def run(run_dir: Path, engine: FakeEngine, loop: LoopSettings = LOOP,
         if crash_at == (node, r):
             raise Crash(f"killed in {node} of round {r}")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    graph = build(Steps(run_dir, engine, loop, DATA, before=before), checkpointer(run_dir))
-    return graph.invoke({}, thread(run_dir))
+    return run_loop(run_dir, config(run_dir, loop), False, engine=engine, before=before)
 
 
 def resume(run_dir: Path, engine: FakeEngine, loop: LoopSettings = LOOP) -> dict:
-    graph = build(Steps(run_dir, engine, loop, DATA), checkpointer(run_dir))
-    return graph.invoke(None, thread(run_dir))
-
-
-def final_data(run_dir: Path) -> dict[str, str]:
-    files = sorted((run_dir / "data").glob("*.jsonl")) + sorted(
-        (run_dir / "rejected").glob("*.jsonl"))
-    out = {f"{p.parent.name}/{p.name}": p.read_text() for p in files}
-    hist = History.load(run_dir)
-    out["history"] = json.dumps([r.model_dump(exclude={"seconds"}) for r in hist.rounds])
-    return out
+    return run_loop(run_dir, config(run_dir, loop), True, engine=engine)
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +64,7 @@ def test_two_rounds_to_the_stop_rule(reference: tuple[dict, dict[str, str]]) -> 
     assert data["rejected/round-1.jsonl"].count("target_inactive") == hist[1]["rejected"]
 
 
-NODES = ["load", "probe", "coverage", "interpret", "generate", "verify", "train", "evaluate",
-         "decide"]
+
 
 
 @pytest.mark.parametrize("node", NODES)
@@ -221,7 +129,7 @@ def test_kill_9_mid_generation_then_resume(
 ) -> None:
     root = Path(__file__).resolve().parents[2]
     driver = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]); "
-              "from tests.unit.test_graph import FakeEngine, run; "
+              "from tests.fakes import FakeEngine; from tests.unit.test_graph import run; "
               "run(Path(sys.argv[1]), FakeEngine(delay=0.3))")
     proc = subprocess.Popen([sys.executable, "-c", driver, str(tmp_path), str(root)])
     journal = tmp_path / "work" / "round-1.generated.jsonl"

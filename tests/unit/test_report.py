@@ -5,18 +5,18 @@ from pathlib import Path
 
 import pytest
 
+from tools.data import write_text_atomic
 from tools.errors import DataError
-from tools.report import (
+from tools.report import write_report
+from tools.rundir import (
     History,
     Metric,
-    MissingFeature,
+    MissingSummary,
     RejectedSample,
     RoundRecord,
-    data_path,
+    RunPaths,
+    jsonl,
     read_samples,
-    rejected_path,
-    write_report,
-    write_samples,
 )
 from tools.verify import FeatureHits, Provenance, Sample
 
@@ -29,8 +29,8 @@ def sample(text: str, feature: int, round_: int) -> Sample:
     return Sample(text=text, label=1, provenance=prov)
 
 
-def missing(*features: int) -> list[MissingFeature]:
-    return [MissingFeature(feature=f, summary=f"summary of feature {f}", log_odds=2.0 + f / 10)
+def missing(*features: int) -> list[MissingSummary]:
+    return [MissingSummary(feature=f, summary=f"summary of feature {f}", log_odds=2.0 + f / 10)
             for f in features]
 
 
@@ -55,12 +55,13 @@ def three_rounds() -> History:
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     three_rounds().save(tmp_path)
-    write_samples(data_path(tmp_path, 1), [sample(XSS, 3, 1), sample("a lockpick guide", 3, 1),
-                                           sample("steal a bike", 5, 1)])
-    write_samples(data_path(tmp_path, 2), [sample("ünïcödé 🙂 fraud", 5, 2),
-                                           sample("phish a bank login", 11, 2)])
+    paths = RunPaths(tmp_path)
+    write_text_atomic(paths.data(1), jsonl([sample(XSS, 3, 1), sample("a lockpick guide", 3, 1),
+                                            sample("steal a bike", 5, 1)]))
+    write_text_atomic(paths.data(2), jsonl([sample("ünïcödé 🙂 fraud", 5, 2),
+                                            sample("phish a bank login", 11, 2)]))
     rej = RejectedSample(**sample("hello there", 3, 1).model_dump(), reason="target_inactive")
-    write_samples(rejected_path(tmp_path, 1), [rej])
+    write_text_atomic(paths.rejected(1), jsonl([rej]))
     return tmp_path
 
 
@@ -142,7 +143,7 @@ def test_corrupt_history_is_a_clear_error(tmp_path: Path, content: str, problem:
 
 
 def test_bad_sample_lines(run_dir: Path) -> None:
-    path = data_path(run_dir, 2)
+    path = RunPaths(run_dir).data(2)
     with path.open("a") as f:
         f.write('{"text": "no provenance"}\nnot json\n')
     with pytest.raises(DataError, match="round-2.jsonl line 3"):

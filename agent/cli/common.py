@@ -1,0 +1,100 @@
+"""What every `facsynth` command shares: the typer app, the consoles (progress and tables
+on stderr/stdout), option types, one-line errors (exit code 2), output-path checks and
+progress bars."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tools.data import write_text_atomic
+from tools.errors import ConfigError, FacsynthError
+from tools.rundir import Relevance
+
+app = typer.Typer(
+    help="facsynth: find the task features your data is missing, measured in a language "
+    "model's own SAE features (Feature Activation Coverage).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ModelOpt = Annotated[str | None, typer.Option(help="model profile, local folder or hub id")]
+SaeOpt = Annotated[str | None, typer.Option(help="SAE: sae-lens folder or release/sae_id")]
+DeltaOpt = Annotated[
+    float | None, typer.Option(help="one absolute threshold (implies --threshold absolute)")
+]
+TextField = Annotated[str, typer.Option(help="name of the text column")]
+LabelField = Annotated[str, typer.Option(help="name of the 0/1 label column")]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Project errors and failed file I/O (a full disk, a folder without write access) as
+    one line and exit code 2; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except (FacsynthError, OSError) as e:
+        if isinstance(e, OSError):
+            logging.getLogger("facsynth").debug("I/O error", exc_info=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def writable(path: Path | None, flag: str) -> None:
+    """Refuse an output path that cannot be a file before any work is done."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name, e.g. {path / 'out'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+
+
+def save(path: Path, text: str) -> None:
+    with one_line_errors():
+        write_text_atomic(path, text)
+
+
+@contextmanager
+def progress_bar(total: int, what: str) -> Iterator[Callable[[int], None]]:
+    bar = Progress(
+        TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
+    )
+    with bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+RelevanceOpt = Annotated[
+    Relevance, typer.Option(help="label (anchor statistics), llm (LLM verdict Yes/Probably), or "
+                            "auto (label, vetoed by an LLM 'No')")
+]
+GeneratorOpt = Annotated[
+    str | None, typer.Option(help="auto, endpoint (FACSYNTH_LLM_BASE_URL), vllm (managed server "
+                             "on the embedded model) or local (in-process transformers)")
+]

@@ -1,0 +1,219 @@
+"""`facsynth coverage`, `probe` and `train-sae`: measuring a dataset in SAE features."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from agent.cli.common import (
+    DeltaOpt,
+    LabelField,
+    ModelOpt,
+    SaeOpt,
+    TextField,
+    app,
+    err,
+    one_line_errors,
+    out,
+    progress_bar,
+    save,
+    writable,
+)
+from agent.runs import build_settings as settings_from
+
+
+@app.command()
+def coverage(
+    anchor: Annotated[
+        Path, typer.Option(help="labelled rows representing the task: JSONL/CSV/Parquet or hub id")
+    ],
+    data: Annotated[Path, typer.Option(help="the dataset to measure: file or hub id")],
+    text_field: TextField = "text",
+    label_field: LabelField = "label",
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    delta: DeltaOpt = None,
+    threshold: Annotated[
+        str | None,
+        typer.Option(help="anchor-quantile (default), absolute (--delta), quantile (per feature)"),
+    ] = None,
+    quantile: Annotated[
+        float | None, typer.Option(help="quantile for anchor-quantile / quantile (default 0.9)")
+    ] = None,
+    pooling: Annotated[
+        str | None, typer.Option(help="max (default) or count (tokens above threshold)")
+    ] = None,
+    min_tokens: Annotated[
+        int | None, typer.Option(help="pooling=count: tokens above the threshold (default 2)")
+    ] = None,
+    min_support: Annotated[
+        int | None, typer.Option(help="label judge: positive rows (default: 2, or 3.6%)")
+    ] = None,
+    min_log_odds: Annotated[float | None, typer.Option(help="label judge: log-odds")] = None,
+    top: Annotated[int, typer.Option(min=1, help="missing features to show")] = 10,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+) -> None:
+    """Measure FAC of DATA against the task features of ANCHOR and list what is missing."""
+    from tools.data import load_texts
+    from tools.workspace import Workspace
+
+    with one_line_errors():
+        writable(json_out, "--json")
+        if delta is not None and threshold is None:
+            threshold = "absolute"  # a delta given on the command line means one delta
+        judge: dict[str, Any] = {"min_support": min_support, "min_log_odds": min_log_odds}
+        if min_support is not None:
+            judge["min_support_frac"] = 0.0  # an explicit support is taken as given
+        settings = settings_from(model=model, sae=sae, delta=delta, threshold=threshold,
+                             quantile=quantile, pooling=pooling, min_tokens=min_tokens,
+                             judge={k: v for k, v in judge.items() if v is not None} or None)
+        a = load_texts(anchor, text_field=text_field, label_field=label_field,
+                       require_labels=True)
+        d = load_texts(data, text_field=text_field, label_field=label_field)
+        ws = Workspace(settings)
+        with progress_bar(len(a) + len(d), "probing") as advance:
+            report = ws.coverage(a, d, advance)
+    _print_coverage(report, top)
+    if json_out:
+        save(json_out, report.model_dump_json(indent=2))
+        err.print(f"report written to {json_out}")
+
+
+def _print_coverage(report: Any, top: int) -> None:
+    out.print(
+        f"[bold]FAC = {report.fac:.3f}[/]  ({report.n_covered} of {report.n_task} task features "
+        f"covered; active = {report.rule.describe(report.delta_used)}; judge = {report.judge})"
+    )
+    out.print(
+        f"anchor: {report.n_anchor} rows, {report.n_active_anchor} active features, "
+        f"covers {report.n_task_in_anchor}/{report.n_task} task features "
+        f"(FAC {report.anchor_fac:.3f});  data: {report.n_data} rows, "
+        f"{len(report.missing)} task features missing"
+    )
+    if report.saturated:
+        out.print(
+            "[yellow]warning: FAC is saturated (>= 0.99): raise the threshold (--delta or "
+            "--quantile) or use a wider SAE"
+        )
+    if not report.missing:
+        return
+    table = Table(title=f"top {min(top, len(report.missing))} missing features")
+    for col in ("feature", "pos", "neg", "log-odds", "anchor max", "top anchor span"):
+        table.add_column(col, overflow="fold")
+    for m in report.missing[:top]:
+        span = m.spans[0].text.strip() if m.spans else ""
+        table.add_row(str(m.feature), str(m.pos_support), str(m.neg_support),
+                      f"{m.log_odds:.2f}", f"{m.anchor_max:.2f}", span)
+    out.print(table)
+
+
+@app.command()
+def probe(
+    data: Annotated[Path, typer.Argument(help="dataset file (JSONL/CSV/Parquet) or hub id")],
+    text_field: TextField = "text",
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    delta: Annotated[float | None, typer.Option(help="report features with max > delta")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="write per-text active features here")
+    ] = None,
+) -> None:
+    """Probe a dataset's SAE features (filling the activation cache) and summarise them."""
+    from tools.coverage import active_features
+    from tools.data import load_texts
+    from tools.workspace import Workspace
+
+    with one_line_errors():
+        writable(json_out, "--json")
+        settings = settings_from(model=model, sae=sae, delta=delta)
+        d = load_texts(str(data), text_field=text_field, label_field=None)
+        ws = Workspace(settings)
+        _ = ws.sae
+        start = time.perf_counter()
+        with progress_bar(len(d), "probing") as advance:
+            result = ws.probe(d, advance)
+        secs = time.perf_counter() - start
+    maxes = result.max_matrix()
+    per_text = (maxes > settings.delta).sum(axis=1)
+    out.print(
+        f"{len(d)} texts, {sum(a.n_tokens for a in result.acts)} tokens in {secs:.1f}s; "
+        f"{int(active_features(maxes > settings.delta).sum())} of {result.d_sae} features active "
+        f"(delta = {settings.delta:g}); {float(per_text.mean()):.1f} active per text"
+    )
+    if json_out:
+        rows = []
+        for i in range(maxes.shape[0]):
+            row = maxes.getrow(i)
+            keep = row.data > settings.delta
+            rows.append({"row": i, "features": row.indices[keep].tolist(),
+                         "max": [round(float(v), 4) for v in row.data[keep]]})
+        save(json_out, json.dumps({"delta": settings.delta, "rows": rows}))
+        err.print(f"written to {json_out}")
+
+
+@app.command("train-sae")
+def train_sae(
+    corpus: Annotated[list[Path], typer.Option(help="text files to train on (repeatable)")],
+    layer: Annotated[int, typer.Option(min=0, help="decoder layer whose output the SAE reads")],
+    out_dir: Annotated[Path, typer.Option("--out", help="work and output folder (resumable)")],
+    model: ModelOpt = None,
+    text_field: TextField = "text",
+    d_sae: Annotated[int, typer.Option(min=1, help="latents")] = 4096,
+    k: Annotated[int, typer.Option(min=1, help="active latents per token (TopK)")] = 32,
+    n_vectors: Annotated[int, typer.Option(min=1, help="residual vectors to collect")] = 500_000,
+    epochs: Annotated[float, typer.Option(min=0.001, help="passes over the vectors")] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="vectors per training step")] = 512,
+    max_per_file: Annotated[int, typer.Option(min=1, help="texts sampled per corpus file")] = 4000,
+    max_tokens: Annotated[int, typer.Option(min=2, help="tokens per text")] = 128,
+    seed: int = 0,
+) -> None:
+    """Train a TopK SAE with sae-lens on one layer; rerun the same command to resume."""
+    import numpy as np
+
+    from tools.data import load_texts
+    from tools.probe import ProbeSettings
+    from tools.sae import HookPoint
+    from tools.sae_train import TrainSettings, collect, sae_card, train
+    from tools.workspace import Workspace
+
+    with one_line_errors():
+        settings = settings_from(model=model)
+        rng = np.random.default_rng(seed)
+        texts: list[str] = []
+        for path in corpus:
+            rows = load_texts(path, text_field=text_field, label_field=None).texts
+            texts += [rows[i] for i in rng.permutation(len(rows))[:max_per_file]]
+        ts = TrainSettings(d_sae=d_sae, k=k, n_vectors=n_vectors, epochs=epochs, seed=seed,
+                           batch_size=batch_size,
+                           probe=ProbeSettings(max_tokens=max_tokens))
+        lm = Workspace(settings).model
+        hook = HookPoint(f"model.layers.{layer}")
+        with progress_bar(n_vectors, "collecting residuals") as advance:
+            done = [0]
+
+            def step(_phase: str, n: int, _total: int) -> None:
+                advance(n - done[0])
+                done[0] = n
+
+            n = collect(lm, [hook], texts, out_dir, ts, step)
+        err.print(f"{n} vectors from {len(texts)} texts; training (sae-lens progress below)")
+        metrics = train(hook, n, lm.model.config.hidden_size, out_dir, ts, lm.identity)
+    info = {
+        "model": lm.identity, "hook": hook.module, "layer": layer, "d_sae": d_sae, "k": k,
+        "corpus": ", ".join(p.name for p in corpus), "texts": len(texts), "vectors": n,
+        "command": " ".join([
+            "facsynth train-sae", f"--model {settings.model}", f"--layer {layer}",
+            *(f"--corpus {p}" for p in corpus), f"--out {out_dir}", f"--d-sae {d_sae}",
+            f"--k {k}", f"--n-vectors {n_vectors}", f"--epochs {epochs}",
+            f"--batch-size {batch_size}", f"--max-per-file {max_per_file}",
+            f"--max-tokens {max_tokens}", f"--seed {seed}",
+        ]),
+    }
+    card = {"info": info, "metrics": metrics}
+    save(out_dir / "sae" / "card.json", json.dumps(card, indent=2))
+    save(out_dir / "sae" / "README.md", sae_card(metrics, info))

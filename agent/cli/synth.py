@@ -1,0 +1,316 @@
+"""`facsynth interpret`, `generate`, `verify`, `features search`, `improve` and `report`:
+synthesis one step at a time, and the improve loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from agent.cli.common import (
+    GeneratorOpt,
+    ModelOpt,
+    RelevanceOpt,
+    SaeOpt,
+    app,
+    err,
+    one_line_errors,
+    out,
+    save,
+    writable,
+)
+from agent.runs import build_settings as settings_from
+from tools.errors import ConfigError
+from tools.rundir import RunConfig, jsonl, read_model, read_samples, write_rows
+from tools.verify import Sample
+
+
+def _read_model(path: Path, schema: Any, what: str) -> Any:
+    return read_model(path, schema, f"a `facsynth {what}` output",
+                      f"write it with `facsynth {what} ... --json {path}`")
+
+
+def _read_samples(path: Path) -> list[Sample]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; write it with `facsynth generate` first")
+    return read_samples(path)
+
+
+@app.command()
+def interpret(
+    coverage_json: Annotated[Path, typer.Argument(help="report from `facsynth coverage --json`")],
+    json_out: Annotated[Path, typer.Option("--json", help="write the features here")],
+    top: Annotated[int, typer.Option(min=1, help="missing features to interpret")] = 10,
+    relevance: RelevanceOpt = "auto",
+    score: Annotated[
+        bool, typer.Option(help="also score each summary by detection accuracy (needs --anchor)")
+    ] = False,
+    anchor: Annotated[Path | None, typer.Option(help="the anchor set, for --score")] = None,
+    generator: GeneratorOpt = None,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+) -> None:
+    """Summarise the top missing features (feature memory first, else the LLM) and judge their
+    relevance; writes the features `facsynth generate` reads."""
+    from agent.llm import open_llm
+    from tools.coverage import CoverageReport
+    from tools.data import load_texts
+    from tools.synthesis import interpret_missing, span_finder
+    from tools.workspace import Workspace
+
+    with one_line_errors():
+        writable(json_out, "--json")
+        if score and anchor is None:
+            raise ConfigError("--score needs --anchor (the held-out spans come from it)")
+        settings = settings_from(model=model, sae=sae, generator=generator)
+        report = _read_model(coverage_json, CoverageReport, "coverage")
+        ws = Workspace(settings)
+        score_with = None
+        if anchor is not None and score:
+            a = load_texts(anchor, require_labels=True)
+            score_with = (a.texts, span_finder(ws, a))
+        with open_llm(settings, json_out.parent, ws) as llm:
+            result = interpret_missing(report, llm, ws, limit=top, relevance=relevance,
+                                       score_with=score_with)
+    table = Table(title=f"{len(result.features)} missing features ({relevance} relevance)")
+    for col in ("feature", "target", "llm verdict", "detection", "summary"):
+        table.add_column(col, overflow="fold")
+    for f in result.features:
+        r = f.record
+        det = r.scores.get("detection")
+        table.add_row(str(r.feature), "yes" if f.targeted else "no", r.relevance.get("llm", "-"),
+                      "-" if det is None else f"{det:.2f}", r.summary)
+    out.print(table)
+    if result.failed:
+        out.print(f"[yellow]no valid answer from the LLM for features {result.failed}")
+    if result.agreement:
+        agr = result.agreement
+        out.print(f"LLM agrees with the label judge on {agr.agree}/{agr.judged} "
+                  f"({agr.rate:.0%}): {agr.verdicts}")
+    save(json_out, result.model_dump_json(indent=2))
+    err.print(f"features written to {json_out}")
+
+
+@app.command()
+def generate(
+    features_json: Annotated[Path, typer.Argument(help="from `facsynth interpret --json`")],
+    out_path: Annotated[Path, typer.Option("--out", help="samples JSONL to write")],
+    per_feature: Annotated[int, typer.Option(min=1, help="samples per targeted feature")] = 2,
+    temperature: Annotated[float, typer.Option(min=0, max=2, help="sampling temperature")] = 0.8,
+    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight")] = 8,
+    seed: Annotated[int, typer.Option(help="base seed (each request gets its own)")] = 0,
+    generator: GeneratorOpt = None,
+    model: ModelOpt = None,
+) -> None:
+    """Write new samples aimed at each targeted feature (JSONL with provenance)."""
+    from agent.llm import open_llm
+    from tools.generate import GenerateSettings
+    from tools.synthesis import Interpreted
+    from tools.synthesis import generate as run_generate
+    from tools.workspace import Workspace
+
+    with one_line_errors():
+        writable(out_path, "--out")
+        settings = settings_from(model=model, generator=generator)
+        features = _read_model(features_json, Interpreted, "interpret")
+        targets = features.targets
+        if not targets:
+            raise ConfigError(f"{features_json}: no targeted features (all judged irrelevant "
+                              "or uninterpretable); rerun interpret with --relevance label")
+        gs = GenerateSettings(per_feature=per_feature, temperature=temperature,
+                              concurrency=concurrency, seed=seed)
+        with open_llm(settings, out_path.parent, Workspace(settings)) as llm:
+            samples = run_generate(targets, llm, gs)
+    save(out_path, jsonl(samples))
+    empty = sum(not s.text.strip() for s in samples)
+    out.print(f"{len(samples)} samples for {len(targets)} features written to {out_path}"
+              + (f" ({empty} empty)" if empty else ""))
+
+
+@app.command()
+def verify(
+    samples_path: Annotated[Path, typer.Argument(help="samples JSONL from `facsynth generate`")],
+    anchor: Annotated[Path, typer.Option(help="the anchor set coverage used")],
+    data: Annotated[Path, typer.Option(help="the dataset being extended (for de-duplication)")],
+    out_path: Annotated[Path, typer.Option("--out", help="kept samples JSONL")],
+    rejected_path: Annotated[
+        Path | None, typer.Option("--rejected", help="rejected samples (default: beside --out)")
+    ] = None,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+) -> None:
+    """Keep only samples that activate their target feature (coverage's own rule) and are not
+    duplicates; rejected ones are written separately with the reason."""
+    from tools.data import load_texts
+    from tools.synthesis import verify_samples
+    from tools.workspace import Workspace
+
+    rejected_path = rejected_path or out_path.with_name(out_path.stem + ".rejected.jsonl")
+    with one_line_errors():
+        writable(out_path, "--out")
+        writable(rejected_path, "--rejected")
+        settings = settings_from(model=model, sae=sae)
+        samples = _read_samples(samples_path)
+        a = load_texts(anchor, require_labels=True)
+        d = load_texts(data)
+        report = verify_samples(Workspace(settings), a, d, samples)
+    with one_line_errors():
+        write_rows(out_path, rejected_path, report.kept, report.rejected)
+    table = Table(title=f"hit rate {report.hit_rate:.0%}: kept {len(report.kept)} of "
+                  f"{len(samples)}")
+    for col in ("feature", "generated", "activated", "kept"):
+        table.add_column(col)
+    for f, h in report.per_feature.items():
+        table.add_row(str(f), str(h.generated), str(h.activated), str(h.kept))
+    out.print(table)
+    err.print(f"kept -> {out_path}; rejected -> {rejected_path}")
+
+
+features_app = typer.Typer(help="The feature memory: summaries of features seen so far.")
+app.add_typer(features_app, name="features")
+
+
+@features_app.command("search")
+def features_search(
+    query: Annotated[str, typer.Argument(help='what to look for, e.g. "stealing"')],
+    k: Annotated[int, typer.Option(min=1, help="results")] = 10,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Find interpreted features by meaning (for this model and SAE)."""
+    from tools.workspace import Workspace
+
+    with one_line_errors():
+        ws = Workspace(settings_from(model=model, sae=sae))
+        hits = ws.memory.search(query, k)
+    if json_out:
+        out.print_json(json.dumps([{"feature": r.feature, "score": round(s, 4),
+                                    "summary": r.summary} for r, s in hits]))
+        return
+    if not hits:
+        out.print("the feature memory is empty: run `facsynth interpret` first")
+        return
+    table = Table(title=f"features like {query!r}")
+    for col in ("feature", "similarity", "summary"):
+        table.add_column(col, overflow="fold")
+    for r, s in hits:
+        table.add_row(str(r.feature), f"{s:.2f}", r.summary)
+    out.print(table)
+
+
+@app.command()
+def improve(
+    run_dir: Annotated[Path | None, typer.Option(help="where the run lives (new folder)")] = None,
+    anchor: Annotated[Path | None, typer.Option(help="labelled rows representing the task")] = None,
+    data: Annotated[Path | None, typer.Option(help="the training data to improve")] = None,
+    eval_path: Annotated[
+        Path | None, typer.Option("--eval", help="held-out labelled rows for the detector metric "
+                                  "(default: a stratified 25% of the anchor, kept out of it)")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="continue the run in this folder where it stopped")
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="synthesis rounds at most")] = 3,
+    budget: Annotated[int, typer.Option(help="generated samples at most, all rounds")] = 400,
+    top: Annotated[int, typer.Option(help="missing features targeted per round")] = 10,
+    per_feature: Annotated[int, typer.Option(help="samples per targeted feature")] = 2,
+    epsilon: Annotated[float, typer.Option(help="stop when FAC gains less than this")] = 0.01,
+    patience: Annotated[
+        int, typer.Option(help="stop after this many rounds without a better AUPRC")
+    ] = 1,
+    focus: Annotated[
+        str, typer.Option(help="data (features absent from the data), model (over-represented "
+                          "in the detector's errors on anchor rows) or both")
+    ] = "data",
+    detector: Annotated[str, typer.Option(help="probe (fast) or lora (the paper's)")] = "probe",
+    relevance: RelevanceOpt = "auto",
+    generator: GeneratorOpt = None,
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    seed: int = 0,
+) -> None:
+    """Self-improvement rounds: coverage -> interpret -> generate -> verify -> train ->
+    evaluate, until FAC gains level off. Kill it any time; `--resume RUN_DIR` continues."""
+    from agent.runs import start_run, validated
+    from tools.detector import DetectorSettings
+    from tools.rundir import LoopSettings, RunSettings
+
+    with one_line_errors():
+        if resume is not None:
+            cfg = RunConfig.read(resume)
+            run = resume
+        else:
+            if run_dir is None or anchor is None or data is None:
+                raise ConfigError("give --anchor, --data and --run-dir (or --resume RUN_DIR)")
+            what = "improve options"
+            cfg = validated(
+                RunConfig, what, anchor=str(anchor), data=str(data),
+                eval=str(eval_path) if eval_path else None, relevance=relevance,
+                settings=validated(RunSettings, what, model=model, sae=sae,
+                                   generator=generator),
+                loop=validated(LoopSettings, what, max_rounds=rounds, budget=budget, top=top,
+                               seed=seed, per_feature=per_feature, epsilon=epsilon,
+                               patience=patience, focus=focus),
+                detector=validated(DetectorSettings, "detector options", kind=detector),
+            )
+            run = run_dir
+            cfg = start_run(run, cfg)
+        state = _run_loop(run, cfg, resume is not None)
+    out.print(f"[bold]stopped after round {state.get('round')}:[/] {state.get('stop_reason')}; "
+              f"FAC {state.get('fac', 0):.3f}. Report: facsynth report {run}")
+
+
+def _run_loop(run: Path, cfg: RunConfig, resuming: bool) -> dict[str, Any]:
+    from agent.runs import run_loop
+
+    started = time.monotonic()
+
+    def before(node: str, r: int) -> None:
+        logging.getLogger("facsynth").info("round %d: %s", r, node)
+        if err.is_terminal:
+            err.print(f"[dim]round {r} · {node}[/]", end="\r")
+
+    prev: dict[str, float] = {}
+
+    def on_round(rec: Any) -> None:
+        gain = f" ({rec.fac - prev['fac']:+.3f})" if "fac" in prev else ""
+        metric = f", AUPRC {rec.metric.auprc:.3f}" if rec.metric else ""
+        made = (f", kept {rec.kept}/{rec.generated} (hit {rec.hit_rate:.0%})"
+                if rec.round else "")
+        out.print(f"round {rec.round}: FAC {rec.fac:.3f}{gain}, {rec.n_missing} missing{made}"
+                  f"{metric}, {rec.n_train} rows  [{time.monotonic() - started:.0f}s]")
+        prev["fac"] = rec.fac
+
+    bars = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
+    )
+
+    def progress(what: str, total: int) -> Callable[[int], None]:
+        for old in list(bars.task_ids):
+            bars.remove_task(old)
+        task = bars.add_task(what, total=total)
+        return lambda n: bars.advance(task, n)
+
+    with bars:
+        return run_loop(run, cfg, resuming, before=before, on_round=on_round, progress=progress)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="an improve run folder")],
+) -> None:
+    """Write RUN_DIR/report.html (+ charts) from the run's history."""
+    from tools.report import write_report
+
+    with one_line_errors():
+        path = write_report(run_dir)
+    out.print(f"report written to {path}")
