@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +34,14 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mypy --strict tools memory
 
 test: lint
 	$(BIN)/pytest -q
+
+# day-to-day: the unit tests only (seconds to a couple of minutes; no real model, no vLLM)
+test-fast: setup
+	$(BIN)/pytest -q tests/unit
 
 bench: setup
 	$(BIN)/python bench/probe.py

@@ -1,4 +1,4 @@
-"""`facsynth chat`: a tool-calling agent over the toolbox (agent/toolbox.py).
+"""`facsynth chat`: a tool-calling agent over the facsynth tools (agent/tool_registry.py).
 
 The graph is a small LangGraph `StateGraph` over `MessagesState`:
 
@@ -6,64 +6,62 @@ The graph is a small LangGraph `StateGraph` over `MessagesState`:
                     +-> END (no tool calls)
 
 `agent` is any langchain chat model bound to the tools (ChatOpenAI on an OpenAI-compatible
-endpoint, or on facsynth's managed vLLM server started with tool calling on). Tools are
-thin wrappers of the toolbox; errors the user or the model can fix (FacsynthError, a refused
-path, invalid arguments) come back to the model as error ToolMessages. The two long tools
-(generate_and_verify, improve) first `interrupt()` with the estimated sample count and time;
-the conversation resumes with `Command(resume=True/False)`. Conversations are checkpointed
-with SqliteSaver in `<root>/.facsynth/chat.sqlite`, one thread per session id.
+endpoint, or on facsynth's managed vLLM server started with tool calling on). `make_tools`
+generates one LangChain tool per registry entry (same names, descriptions and input schemas
+as the MCP server's); each returns its JSON result fenced as data (`prompts.fence`). The
+tools that need confirmation (generate_and_verify, improve) first `interrupt()` with the
+estimated sample count and time; the conversation resumes with `Command(resume=True/False)`.
+
+Errors come back to the model as error ToolMessages: a project error (FacsynthError: a
+missing file, a refused path, an invalid feature; `HANDLED` by the ToolNode) and bad
+arguments (validated by the tool against the registry's model, unknown ones named); any other
+exception is a bug: its traceback is logged and the model is told so
+(`tool_registry.internal_error`). Conversations are checkpointed
+with SqliteSaver in `<root>/.facsynth/chat.sqlite`, one thread per session id. The terminal
+loop (`facsynth chat`) is agent/chat_terminal.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import logging
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, SystemMessage
 from langchain_core.messages import ToolMessage as LCToolMessage
-from langchain_core.tools import BaseTool, StructuredTool
+from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
 from langgraph.prebuilt.tool_node import ToolCallWithContext, ToolInvocationError
 from langgraph.types import Command, Send, interrupt
-from rich.markup import escape
+from pydantic import BaseModel, ValidationError
 
-from agent.config import Settings
-from agent.toolbox import (
-    STATE_DIR,
-    Budget,
-    Cancelled,
-    Examples,
-    FeatureId,
-    FeatureList,
-    K,
-    Limit,
-    PathArg,
-    PerFeature,
-    ProgressFn,
-    Query,
-    Rounds,
-    Toolbox,
-    Top,
-)
+from agent.results import Cancelled
+from agent.sandbox import STATE_DIR
+from agent.tool_registry import TOOLS, ToolSpec, bad_arguments, internal_error
+from agent.toolbox import ProgressFn, Toolbox
 from prompts import PROMPT_DIR, fence, render, unfence
 from tools.errors import ConfigError, FacsynthError
+from tools.settings import Settings
+
+log = logging.getLogger(__name__)
 
 PROMPT = "chat_system.v2"
 SESSIONS = "chat.sqlite"
 RECURSION_LIMIT = 60
-CONFIRMED_TOOLS = ("generate_and_verify", "improve")
 TOOL_CALL_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 """vLLM server flags for OpenAI-style tool calls (hermes `<tool_call>` JSON)."""
-HANDLED = (FacsynthError, ValueError, OSError, ToolInvocationError)
-"""Tool errors returned to the model as error ToolMessages (anything else is a bug)."""
+HANDLED = (FacsynthError, ToolInvocationError)
+"""What the ToolNode returns to the model as error ToolMessages: project errors, and bad
+arguments langgraph itself catches (the tools answer their own validation errors and
+internal errors; anything else would end the turn)."""
 
 
 def approved(answer: Any) -> bool:
@@ -81,118 +79,60 @@ class Hooks:
 
     progress: ProgressFn | None = None
 
+    def report(self, message: str, done: float, total: float | None) -> None:
+        if self.progress is not None:
+            self.progress(message, done, total)
+
 
 def make_tools(box: Toolbox, hooks: Hooks | None = None, confirm: bool = True) -> list[BaseTool]:
-    """The toolbox as langchain tools (JSON results; long tools ask to confirm first)."""
+    """The registry's tools over `box` as LangChain tools (fenced JSON results; the tools
+    that need it ask the user to confirm first unless `confirm` is off)."""
     hooks = hooks or Hooks()
-
-    def progress(message: str, done: float, total: float | None) -> None:
-        if hooks.progress is not None:
-            hooks.progress(message, done, total)
-
-    def ask(tool: str, question: str, estimate: Any, args: dict[str, Any]) -> bool:
-        if not confirm:
-            return True
-        answer = interrupt({"tool": tool, "question": question, "samples": estimate.samples,
-                            "seconds": estimate.seconds, "backend": estimate.backend,
-                            "args": args})
-        return approved(answer)
-
-    def describe_dataset(path: PathArg, examples: Examples = 3) -> str:
-        """Rows, label balance (1 = harmful), text lengths, duplicates and example rows of a
-        dataset file (JSONL/CSV/Parquet) in the workspace."""
-        return box.describe_dataset(path, examples).model_dump_json()
-
-    def coverage(anchor: PathArg, data: PathArg, top: Top = 10) -> str:
-        """Feature Activation Coverage (FAC) of `data` against the task features of the
-        labelled `anchor` set, with the top missing features and a span that activates each."""
-        return box.coverage(anchor, data, top, progress=progress).model_dump_json()
-
-    def missing_features(anchor: PathArg, data: PathArg, limit: Limit = 20) -> str:
-        """The task features `data` never activates (most task-specific first), each with
-        its anchor spans and known summary."""
-        return box.missing_features(anchor, data, limit).model_dump_json()
-
-    def search_features(query: Query, k: K = 10) -> str:
-        """Search the feature memory (features interpreted so far) by meaning, e.g.
-        'weapons' or 'insults'."""
-        return box.search_features(query, k).model_dump_json()
-
-    def explain_feature(anchor: PathArg, data: PathArg, feature: FeatureId) -> str:
-        """What one SAE feature responds to (summary), its strongest anchor spans and its
-        relevance to the task (support on harmful vs benign rows, missing or not)."""
-        return box.explain_feature(anchor, data, feature).model_dump_json()
-
-    def generate_and_verify(
-        anchor: PathArg, data: PathArg, features: FeatureList, per_feature: PerFeature = 2,
-        out: PathArg = "synthetic.jsonl",
-    ) -> str:
-        """Write `per_feature` new samples for each listed missing feature, keep only those
-        that activate their feature (and are no duplicates); kept rows go to `out` (JSONL),
-        rejected ones beside it. Asks the user to confirm first."""
-        for p in (anchor, data):
-            box.resolve(p, must_exist=True)
-        box.resolve(out)
-        est = box.estimate_generation(features, per_feature)
-        args = {"anchor": anchor, "data": data, "features": features,
-                "per_feature": per_feature, "out": out}
-        if not ask("generate_and_verify",
-                   f"Generate {est.samples} samples for {len(set(features))} features into "
-                   f"{out} (about {_duration(est.seconds)} on {est.backend})?", est, args):
-            return Cancelled(message="the user declined; nothing was generated. Ask what "
-                             "to change (fewer features or samples).").model_dump_json()
-        return box.generate_and_verify(anchor, data, features, per_feature, out,
-                                       progress=progress).model_dump_json()
-
-    def improve(
-        anchor: PathArg, data: PathArg, run_dir: PathArg = "runs/chat", rounds: Rounds = 1,
-        budget: Budget = 40, top: Top = 5, per_feature: PerFeature = 2, resume: bool = False,
-    ) -> str:
-        """Run self-improvement rounds in `run_dir`: coverage, interpret, generate, verify,
-        train a detector, evaluate; stops when FAC stops improving or at `rounds`/`budget`.
-        Asks the user to confirm first."""
-        if not resume:
-            for p in (anchor, data):
-                box.resolve(p, must_exist=True)
-        box.resolve(run_dir)
-        est = box.estimate_improve(rounds, budget, top, per_feature)
-        args = {"anchor": anchor, "data": data, "run_dir": run_dir, "rounds": rounds,
-                "budget": budget, "top": top, "per_feature": per_feature, "resume": resume}
-        if not ask("improve",
-                   f"Run {rounds} improve round(s) in {run_dir}: up to {est.samples} samples, "
-                   f"about {_duration(est.seconds)} on {est.backend}?", est, args):
-            return Cancelled(message="the user declined; no run was started.").model_dump_json()
-        return box.improve(anchor, data, run_dir, rounds, budget, top, per_feature,
-                           resume=resume, progress=progress).model_dump_json()
-
-    def report(run_dir: PathArg) -> str:
-        """Write the HTML report of an improve run and summarise its rounds."""
-        return box.report(run_dir).model_dump_json()
-
-    funcs: list[Callable[..., str]] = [describe_dataset, coverage, missing_features,
-                                       search_features, explain_feature, generate_and_verify,
-                                       improve, report]
-    return [StructuredTool.from_function(_fenced(f), name=f.__name__) for f in funcs]
+    return [chat_tool(spec, box, hooks, confirm) for spec in TOOLS]
 
 
-def _fenced(tool: Callable[..., str]) -> Callable[..., str]:
-    """`tool` whose JSON result reaches the model fenced as data: it quotes dataset rows and
-    spans, which must never read as instructions (the system prompt says so)."""
+def chat_tool(spec: ToolSpec, box: Toolbox, hooks: Hooks, confirm: bool = True) -> BaseTool:
+    """One registry tool as a LangChain tool. Its input schema is the registry's argument
+    model; its result reaches the model fenced as data: it quotes dataset rows and spans,
+    which must never read as instructions (the system prompt says so)."""
 
-    @functools.wraps(tool)
-    def call(*args: Any, **kwargs: Any) -> str:
-        return fence(tool(*args, **kwargs))
+    def call(**given: Any) -> str:
+        return fence(_run(spec, box, spec.arguments(given), hooks, confirm).model_dump_json())
 
-    return call
+    def invalid(e: Any) -> str:
+        # here rather than langgraph's ToolInvocationError, which drops the errors that name
+        # no field (unknown arguments)
+        problem = bad_arguments(spec.name, e) if isinstance(e, ValidationError) else str(e)
+        return f"Error: {problem}. Fix the arguments and call again."
+
+    # both handlers turn the error into an error ToolMessage: bad arguments, and the
+    # ToolException that reports an internal error
+    return StructuredTool(name=spec.name, description=spec.description, args_schema=spec.args,
+                          func=call, handle_validation_error=invalid, handle_tool_error=True)
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+def _run(spec: ToolSpec, box: Toolbox, args: dict[str, Any], hooks: Hooks,
+         confirm: bool) -> BaseModel:
+    try:
+        asked = spec.ask(box, args) if confirm else None
+        if asked is not None:
+            est = asked.estimate
+            answer = interrupt({"tool": spec.name, "question": asked.question,
+                                "samples": est.samples, "seconds": est.seconds,
+                                "backend": est.backend, "args": args})
+            if not approved(answer):
+                return Cancelled(message=asked.declined)
+        return spec.run(box, args, hooks.report)
+    except (FacsynthError, GraphBubbleUp):  # HANDLED by the ToolNode; an interrupt
+        raise
+    except Exception as e:
+        log.exception("internal error in the %s tool", spec.name)
+        raise ToolException(internal_error(spec.name, e)) from e
 
 
 def system_prompt(box: Toolbox, tools: Sequence[BaseTool]) -> str:
     files = sorted(
-        box.rel(p) for pattern in ("*.jsonl", "*.csv", "*.parquet", "*/*.jsonl", "*/*.csv")
+        box.sandbox.rel(p) for pattern in ("*.jsonl", "*.csv", "*.parquet", "*/*.jsonl", "*/*.csv")
         for p in box.root.glob(pattern) if STATE_DIR not in p.parts
     )[:20]
     return render(PROMPT, root=str(box.root), files=files,
@@ -384,155 +324,3 @@ def _chat_template_args(model_dir: Path) -> list[str]:
     if "tools" in own or not model_dir.exists():
         return []
     return ["--chat-template", str(TOOL_TEMPLATE)]
-
-
-# -- the terminal ---------------------------------------------------------------------------
-
-Ask = Callable[[Event], bool]
-
-
-def run_terminal(
-    session: ChatSession,
-    out: Any,
-    err: Any,
-    hooks: Hooks,
-    *,
-    messages: Sequence[str] | None = None,
-    yes: bool = False,
-    ask: Ask | None = None,
-) -> None:
-    """Talk to `session` on rich consoles: from `messages` when given (then exit), else
-    interactively; long tools are confirmed by `ask` (y/n on the terminal), or all by `yes`."""
-    from rich.prompt import Confirm
-
-    def confirm(event: Event) -> bool:
-        if yes:
-            err.print(f"[yellow]confirm:[/] {event.text} -> yes (--yes)")
-            return True
-        if ask is not None:
-            return ask(event)
-        return bool(Confirm.ask(f"[yellow]confirm:[/] {event.text}", console=out,
-                                default=False))
-
-    last = [0.0]
-
-    def progress(message: str, done: float, total: float | None) -> None:
-        import time
-
-        now = time.monotonic()
-        if now - last[0] >= 2.0 or (total is not None and done >= total):
-            last[0] = now
-            of = f"/{total:.0f}" if total else ""
-            err.print(f"[dim]  … {message} ({done:.0f}{of})[/]")
-
-    hooks.progress = progress
-    queue = list(messages) if messages is not None else None
-    if session.pending():
-        err.print("[yellow]this session was waiting for a confirmation[/]")
-        _turn(session.answer({p.id: confirm(Event("confirm", str(p.value.get("question", ""))))
-                              for p in session.pending()}), session, out, err, confirm)
-    while True:
-        if queue is not None:
-            if not queue:
-                return
-            text = queue.pop(0)
-            out.print(f"[bold cyan]you>[/] {text}")
-        else:
-            try:
-                text = out.input("[bold cyan]you>[/] ")
-            except (EOFError, KeyboardInterrupt):
-                out.print()
-                return
-        if text.strip().lower() in ("exit", "quit", "/exit", "/quit"):
-            return
-        if text.strip():
-            _turn(session.send(text), session, out, err, confirm)
-
-
-def _turn(events: Iterator[Event], session: ChatSession, out: Any, err: Any,
-          confirm: Callable[[Event], bool]) -> None:
-    """Show one turn's events; answer confirmations and go on until the agent is done."""
-    while True:
-        asked: list[Event] = []
-        speaking = False
-        try:
-            for ev in events:
-                if ev.kind == "token":
-                    if not speaking:
-                        out.print("[bold green]facsynth>[/] ", end="")
-                        speaking = True
-                    out.print(ev.text, end="", markup=False, highlight=False)
-                    continue
-                if speaking:
-                    out.print()
-                    speaking = False
-                if ev.kind == "tool_call":
-                    args = ", ".join(f"{k}={v!r}" for k, v in ev.data.items())
-                    err.print(f"[dim]→ {ev.name}({args})[/]", markup=True, highlight=False)
-                elif ev.kind == "tool_result":
-                    colour = "red" if ev.data.get("error") else "dim"
-                    text = ev.text if len(ev.text) <= 300 else ev.text[:300] + "…"
-                    err.print(f"[{colour}]← {ev.name}: {escape(text)}[/]", highlight=False)
-                elif ev.kind == "confirm":
-                    asked.append(ev)
-                elif ev.kind == "error":
-                    err.print(f"[red]{ev.text}[/]")
-        except KeyboardInterrupt:
-            err.print("\n[yellow]interrupted; the conversation is saved up to the last step[/]")
-            return
-        except Exception as e:  # a bug in a tool or the model client: keep the session going
-            err.print(f"\n[bold red]error:[/] {type(e).__name__}: {e}")
-            return
-        if speaking:
-            out.print()
-        if not asked:
-            return
-        events = session.answer({ev.data["id"]: confirm(ev) for ev in asked})
-
-
-def main(
-    settings: Settings,
-    root: Path,
-    out: Any,
-    err: Any,
-    *,
-    session_id: str | None = None,
-    messages: Sequence[str] | None = None,
-    yes: bool = False,
-) -> None:
-    """`facsynth chat`: start the chat model (and, for vllm, its server), then talk."""
-    from agent.llm import choose_backend
-
-    box = Toolbox(settings, root)
-    checkpoints = sessions(box.root)
-    if session_id is not None:
-        if checkpoints.get_tuple({"configurable": {"thread_id": session_id}}) is None:
-            raise ConfigError(f"no chat session {session_id!r} in "
-                              f"{box.root / STATE_DIR / SESSIONS}")
-    if choose_backend(settings) == "vllm":
-        err.print("starting the managed vLLM server with tool calling (a few minutes on CPU)")
-    with box, open_chat_model(settings, box.root) as (model, client):
-        if client is not None:
-            box.use_llm(client)
-        hooks = Hooks()
-        tools = make_tools(box, hooks)
-        graph = build_graph(model, tools, system_prompt(box, tools), checkpoints)
-        session = ChatSession(graph, session_id)
-        verb = "resuming" if session_id else "new"
-        out.print(f"[bold]facsynth chat[/] ({verb} session [bold]{session.id}[/]; resume with "
-                  f"--session {session.id}); root {box.root}; 'exit' to leave")
-        if session_id:
-            _recap(session, out)
-        run_terminal(session, out, err, hooks, messages=messages, yes=yes)
-
-
-def _recap(session: ChatSession, out: Any, n: int = 6) -> None:
-    from langchain_core.messages import HumanMessage
-
-    shown = [m for m in session.messages if isinstance(m, HumanMessage)
-             or (isinstance(m, AIMessage) and m.text)][-n:]
-    for m in shown:
-        who = "you" if isinstance(m, HumanMessage) else "facsynth"
-        text = m.text if len(m.text) <= 200 else m.text[:200] + "…"
-        out.print(f"[dim]{who}> {text}[/]", highlight=False)
-

@@ -13,23 +13,34 @@ Every client has `name`, `chat(system, user)`, `async achat(system, user, *, tem
 seed)`, `async acomplete(prompt, *, temperature, seed, max_tokens)` and
 `with_json_schema(schema)` (a client whose `chat` replies follow the schema where the
 backend can enforce it; otherwise the same client, and callers validate and retry).
+`LazyLLM` is such a client that opens the real one on first use. The `*_SECONDS` constants
+are rough per-backend timings for the estimates the long tools show before they run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from agent.config import Settings
 from tools.errors import ConfigError
+from tools.settings import Settings
 
 if TYPE_CHECKING:
-    from agent.workspace import Workspace
+    from tools.workspace import Workspace
 
 Backend = Literal["endpoint", "vllm", "local"]
+
+
+# rough seconds per generated sample / per feature interpretation, by backend (2 CPU cores:
+# README and STACK.md numbers); only for the estimates shown before long tools run
+GEN_SECONDS = {"endpoint": 1.0, "vllm": 0.6, "local": 2.0, "injected": 0.05}
+INTERPRET_SECONDS = {"endpoint": 2.0, "vllm": 1.0, "local": 8.0, "injected": 0.05}
+VLLM_START_SECONDS = 150.0
+ROUND_SECONDS = 20.0
+"""an improve round besides the LLM: probing the new rows, training and evaluating"""
 
 
 class LLMClient(Protocol):
@@ -44,6 +55,33 @@ class LLMClient(Protocol):
     ) -> str: ...
 
     def with_json_schema(self, schema: dict[str, Any], name: str = "reply") -> LLMClient: ...
+
+
+class LazyLLM:
+    """An LLM client that opens the real one (`opener()`) on first use."""
+
+    def __init__(self, opener: Callable[[], Any]) -> None:
+        self._opener = opener
+
+    @property
+    def name(self) -> str:
+        return str(self._opener().name)
+
+    def chat(self, system: str, user: str) -> str:
+        return str(self._opener().chat(system, user))
+
+    async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
+        return str(await self._opener().achat(system, user, temperature=temperature, seed=seed))
+
+    async def acomplete(self, prompt: str, *, temperature: float, seed: int,
+                        max_tokens: int | None = None) -> str:
+        return str(await self._opener().acomplete(prompt, temperature=temperature, seed=seed,
+                                                  max_tokens=max_tokens))
+
+    def with_json_schema(self, schema: dict[str, Any], name: str = "reply") -> Any:
+        client = self._opener()
+        constrain = getattr(client, "with_json_schema", None)
+        return constrain(schema, name) if constrain is not None else client
 
 
 @contextlib.contextmanager
@@ -259,8 +297,8 @@ def open_llm(
             )
             yield endpoint_client(served, f"vllm:{server.model_name}", structured="vllm")
     else:
-        from agent.workspace import Workspace
         from tools.local_llm import LocalChat
+        from tools.workspace import Workspace
 
         ws = workspace or Workspace(settings)
         yield LocalChat(ws.model, max_new_tokens=settings.max_new_tokens)

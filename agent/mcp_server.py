@@ -1,5 +1,5 @@
-"""`facsynth serve`: the toolbox (agent/toolbox.py) as an MCP server, on the official SDK's
-`MCPServer` (mcp 2.x).
+"""`facsynth serve`: the facsynth tools (agent/tool_registry.py) as an MCP server, on the
+official SDK's `MCPServer` (mcp 2.x).
 
 - Transports: stdio (default), or streamable HTTP on a loopback address (`/mcp`); any other
   address only with `allow_remote`. HTTP can require a bearer token, checked by the SDK's
@@ -10,15 +10,17 @@
   `host:port`, plus `127.0.0.1`/`localhost`/`[::1]` on that port for a loopback address (and
   the machine's host name for a wildcard address such as 0.0.0.0); origins are `http://` the
   same. A foreign Host gets 421, a foreign Origin 403 (the SDK's answers).
-- Every tool is a one-line delegation to the Toolbox, run in a worker thread behind one
-  semaphore (`max_concurrent` calls at once; model work inside is serialised by the toolbox).
-  Parameters are typed and bounded (the SDK validates them against the JSON schema); results
-  are pydantic models (structured content). Unknown arguments are refused, naming them (the
-  SDK's argument models ignore extras; `strict` makes each tool's model forbid them, which
-  also puts `additionalProperties: false` in its input schema). Long tools report progress
-  through the request context.
-- Expected failures (bad data, refused paths, invalid values) become `ToolError`s: the client
-  gets the message, the server logs one line. Logs go to stderr; stdout is the protocol.
+- Every tool is generated from the registry (`mcp_tool`): its handler is a one-line
+  delegation to `ToolSpec.run`, run in a worker thread behind one semaphore (`max_concurrent`
+  calls at once; model work inside is serialised by the toolbox). The input schema is the
+  registry's argument model (the chat agent publishes the same one): typed, bounded, and
+  `additionalProperties: false`; unknown arguments are refused naming them (`strict`: the
+  SDK validates with a subclass of that model). Results are pydantic models (structured
+  content). Long tools report progress through the request context.
+- Errors: a project error (FacsynthError: bad data, a refused path, an invalid value) becomes
+  a `ToolError` with its message (the SDK logs one line); any other exception is a bug: its
+  traceback is logged and the client gets a `ToolError` saying so
+  (`tool_registry.internal_error`). Logs go to stderr; stdout is the protocol.
 """
 
 import asyncio
@@ -29,7 +31,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -39,41 +41,16 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.tools import Tool
-from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
+from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import ToolAnnotations
-from pydantic import ConfigDict, create_model, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import create_model
 
-from agent.toolbox import (
-    Budget,
-    CoverageSummary,
-    DatasetSummary,
-    Examples,
-    FeatureExplanation,
-    FeatureId,
-    FeatureList,
-    FeatureSearch,
-    GenerationResult,
-    ImproveResult,
-    K,
-    Limit,
-    MissingFeatures,
-    PathArg,
-    PerFeature,
-    ProgressFn,
-    Query,
-    Relevance,
-    Rounds,
-    RunReport,
-    Temperature,
-    Toolbox,
-    Top,
-)
+from agent.tool_registry import TOOLS, ToolArgs, ToolSpec, internal_error
+from agent.toolbox import ProgressFn, Toolbox
 from tools.errors import ConfigError, FacsynthError
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 LOOPBACK = ("localhost",)
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -141,36 +118,25 @@ def transport_security(host: str, port: int) -> TransportSecuritySettings:
         allowed_origins=[f"http://{h}" for h in hosts])
 
 
-class _RejectUnknown(ArgModelBase):
-    """Mixed into a tool's argument model: unknown arguments are an error naming them."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def reject_unknown_arguments(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            known = [f.alias or name for name, f in cls.model_fields.items()]
-            unknown = sorted(str(k) for k in data if k not in known)
-            if unknown:
-                raise PydanticCustomError(
-                    "unknown_argument",
-                    "unknown argument{s} {unknown}: this tool takes {known}",
-                    {"s": "s" if len(unknown) > 1 else "", "unknown": ", ".join(unknown),
-                     "known": ", ".join(known)})
-        return data
+def strict(args: type[ToolArgs]) -> type[ArgModelBase]:
+    """The registry's argument model as the SDK's argument model (`ArgModelBase`, which it
+    requires). It keeps `extra="forbid"` and the check naming unknown arguments (the SDK's own
+    models ignore extras and it has no option for it); its JSON schema is the registry's."""
+    bases: Any = (args, ArgModelBase)  # create_model's stub wants ArgModelBase subclasses only
+    return create_model(args.__name__, __base__=bases, __module__=args.__module__)
 
 
-def strict(tool: Tool) -> Tool:
-    """`tool` with unknown arguments refused. The SDK builds each tool's argument model with
-    pydantic's default `extra="ignore"` and has no option for it, so the model is replaced by
-    a subclass that forbids extras (the input schema is regenerated from it)."""
-    base = tool.fn_metadata.arg_model
-    model = create_model(base.__name__, __base__=(base, _RejectUnknown),
-                         __module__=base.__module__)
-    meta = tool.fn_metadata.model_copy(update={"arg_model": model})
-    return tool.model_copy(update={"fn_metadata": meta,
-                                   "parameters": model.model_json_schema(by_alias=True)})
+def mcp_tool(spec: ToolSpec, call: Callable[[ToolSpec, dict[str, Any], Context], Any]) -> Tool:
+    """The MCP tool of a registry entry; `call(spec, args, ctx)` runs it."""
+
+    async def handler(ctx: Context, **args: Any) -> Any:
+        return await call(spec, args, ctx)
+
+    return Tool(fn=handler, name=spec.name, description=spec.description,
+                parameters=spec.args.model_json_schema(by_alias=True),
+                fn_metadata=FuncMetadata(arg_model=strict(spec.args), output_model=spec.result),
+                is_async=True, context_kwarg="ctx",
+                annotations=WRITES if spec.writes else READ_ONLY)
 
 
 def _progress(ctx: Context) -> ProgressFn:
@@ -197,12 +163,16 @@ def build_server(
         raise ConfigError("--max-concurrent must be at least 1")
     gate = asyncio.Semaphore(max_concurrent)
 
-    async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def call(spec: ToolSpec, args: dict[str, Any], ctx: Context) -> Any:
         async with gate:
             try:
-                return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs))
-            except (FacsynthError, ValueError, OSError) as e:
+                return await anyio.to_thread.run_sync(
+                    partial(spec.run, box, args, _progress(ctx)))
+            except FacsynthError as e:
                 raise ToolError(str(e)) from e
+            except Exception as e:
+                log.exception("internal error in the %s tool", spec.name)
+                raise ToolError(internal_error(spec.name, e)) from e
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[None]:
@@ -222,72 +192,7 @@ def build_server(
             "auth": AuthSettings(issuer_url=url, resource_server_url=f"{url}/mcp",  # type: ignore[arg-type]
                                  validate_token_resource=False, required_scopes=["facsynth"]),
         }
-    tools: list[Tool] = []
-
-    def tool(annotations: ToolAnnotations) -> Callable[[Callable[..., Any]], Any]:
-        def register(fn: Callable[..., Any]) -> Any:
-            tools.append(strict(Tool.from_function(fn, annotations=annotations)))
-            return fn
-
-        return register
-
-    @tool(READ_ONLY)
-    async def describe_dataset(path: PathArg, examples: Examples = 3) -> DatasetSummary:
-        """Rows, label balance (1 = harmful), text lengths, duplicates and example rows of a
-        dataset file (JSONL/CSV/Parquet) in the workspace root."""
-        return await call(box.describe_dataset, path, examples)
-
-    @tool(READ_ONLY)
-    async def coverage(anchor: PathArg, data: PathArg, ctx: Context, top: Top = 10
-                       ) -> CoverageSummary:
-        """Feature Activation Coverage (FAC) of `data` against the task features of the
-        labelled `anchor` set, with the top missing features and a span activating each."""
-        return await call(box.coverage, anchor, data, top, progress=_progress(ctx))
-
-    @tool(READ_ONLY)
-    async def missing_features(anchor: PathArg, data: PathArg, limit: Limit = 20
-                               ) -> MissingFeatures:
-        """The task features `data` never activates (most task-specific first), with spans."""
-        return await call(box.missing_features, anchor, data, limit)
-
-    @tool(READ_ONLY)
-    async def search_features(query: Query, k: K = 10) -> FeatureSearch:
-        """Search the feature memory (features interpreted so far) by meaning."""
-        return await call(box.search_features, query, k)
-
-    @tool(READ_ONLY)
-    async def explain_feature(anchor: PathArg, data: PathArg, feature: FeatureId
-                              ) -> FeatureExplanation:
-        """What one SAE feature responds to, its strongest anchor spans and its relevance."""
-        return await call(box.explain_feature, anchor, data, feature)
-
-    @tool(WRITES)
-    async def generate_and_verify(
-        anchor: PathArg, data: PathArg, features: FeatureList, ctx: Context,
-        per_feature: PerFeature = 2, out: PathArg = "synthetic.jsonl",
-        temperature: Temperature = 0.8,
-    ) -> GenerationResult:
-        """Generate samples aimed at missing features and keep only those that activate their
-        target; kept rows go to `out` (JSONL), rejected ones beside it. Takes minutes."""
-        return await call(box.generate_and_verify, anchor, data, features, per_feature, out,
-                          temperature, progress=_progress(ctx))
-
-    @tool(WRITES)
-    async def improve(
-        anchor: PathArg, data: PathArg, ctx: Context, run_dir: PathArg = "runs/mcp",
-        rounds: Rounds = 1, budget: Budget = 40, top: Top = 5, per_feature: PerFeature = 2,
-        relevance: Relevance = "auto", resume: bool = False,
-    ) -> ImproveResult:
-        """Self-improvement rounds in `run_dir` (coverage, interpret, generate, verify, train,
-        evaluate) until FAC stops improving or `rounds`/`budget` is reached. Takes minutes."""
-        return await call(box.improve, anchor, data, run_dir, rounds, budget, top,
-                          per_feature, relevance, resume, progress=_progress(ctx))
-
-    @tool(WRITES)
-    async def report(run_dir: PathArg) -> RunReport:
-        """Write the HTML report of an improve run and summarise its rounds."""
-        return await call(box.report, run_dir)
-
+    tools = [mcp_tool(spec, call) for spec in TOOLS]
     return MCPServer("facsynth", instructions=INSTRUCTIONS, lifespan=lifespan,
                      log_level="WARNING", tools=tools, **auth)
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,19 @@ import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "toxicity"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tests never see the developer's FACSYNTH_* variables, and FACSYNTH_HOME (converted
+    models, activation cache, feature memory) is a fresh folder per test run: the embedded
+    model is converted once per run, and nothing lands in the user's cache."""
+    home = tmp_path_factory.mktemp("facsynth-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("FACSYNTH_")]:
+            mp.delenv(key)
+        mp.setenv("FACSYNTH_HOME", str(home))
+        yield home
 
 
 @pytest.fixture(autouse=True)
@@ -19,14 +34,14 @@ def _seed() -> None:
 
 @pytest.fixture(scope="session")
 def tiny_lm():  # type: ignore[no-untyped-def]
-    from tests.tiny import tiny_model
+    from tests.fakes import tiny_model
 
     return tiny_model()
 
 
 @pytest.fixture(scope="session")
 def tiny_sae():  # type: ignore[no-untyped-def]
-    from tests.tiny import tiny_sae
+    from tests.fakes import tiny_sae
 
     return tiny_sae()
 

@@ -1,7 +1,9 @@
 """The exception hierarchy of the domain layer.
 
 Adapters translate these: the CLI prints one line and exits non-zero, the chat agent
-returns a tool message, the MCP server raises ToolError.
+returns an error tool message, the MCP server raises ToolError. Anything that is not a
+FacsynthError is a bug: the chat and the MCP server log its traceback and report it as an
+internal error, never as the caller's mistake.
 """
 
 from __future__ import annotations
@@ -25,3 +27,12 @@ class SAEError(FacsynthError):
 
 class ConfigError(FacsynthError):
     """A setting has an invalid value."""
+
+
+class UsageError(FacsynthError):
+    """Bad arguments to a tool or command: the message says which and what would work."""
+
+
+class FileAccessError(FacsynthError):
+    """A file or folder cannot be read or written (permission denied, a full disk, a folder
+    where a file is expected): the environment's problem, not a facsynth bug."""

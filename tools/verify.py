@@ -21,6 +21,8 @@ from pydantic import BaseModel, Field
 from tools.coverage import ActivityRule, activity
 
 if TYPE_CHECKING:
+    from datasketch import MinHash
+
     from tools.probe import ProbeResult
 
 Reason = Literal["kept", "empty", "duplicate", "near_duplicate", "target_inactive"]
@@ -93,7 +95,7 @@ class NearDuplicates:
         self._exact: set[str] = set()
         self._n = 0
 
-    def _hash(self, text: str):  # type: ignore[no-untyped-def]
+    def _hash(self, text: str) -> MinHash:
         m = self._minhash(num_perm=self._num_perm, seed=1)
         for s in _shingles(text):
             m.update(s.encode("utf-8"))

@@ -3,46 +3,21 @@ LLM backends have their own tests): coverage -> interpret -> generate -> verify.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
-from agent.config import Settings
-from agent.pipeline import generate as run_generate
-from agent.pipeline import interpret_missing, span_finder, verify_samples
-from agent.workspace import Workspace
 from memory.feature_memory import InMemoryFeatureMemory
-from tests.unit.test_feature_memory import bag_of_words
+from tests.fakes import EchoLLM, bag_of_words
 from tools.data import load_texts
 from tools.generate import GenerateSettings
+from tools.settings import Settings
+from tools.synthesis import generate as run_generate
+from tools.synthesis import interpret_missing, span_finder, verify_samples
+from tools.workspace import Workspace
 
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-class EchoLLM:
-    """Summarises by quoting the first span, says Yes, and 'generates' by echoing the
-    prompt's example spans (which activate the target by construction) or chit-chat."""
-
-    name = "echo"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def chat(self, system: str, user: str) -> str:
-        self.calls += 1
-        if '"verdict"' in user:
-            return '{"verdict": "Yes", "reason": "harmful"}'
-        if "yes or no" in user:
-            return "yes"
-        first = re.search(r"^1\. \([\d.]+\) (.*)$", user, re.M)
-        quote = first.group(1).strip().replace('"', "'") if first else "?"
-        return f'{{"summary": "text like: {quote}", "interpretable": true, "confidence": 0.5}}'
-
-    async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
-        spans = re.findall(r"^- (.*)$", user, re.M)
-        return f"{spans[seed % 2 % len(spans)]} please" if spans and seed % 3 else "nice weather"
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +67,7 @@ class MuddledLLM(EchoLLM):
 
 
 def test_invalid_llm_answers_fall_back_to_spans(ws: Workspace) -> None:
-    from agent.pipeline import FALLBACK
+    from tools.synthesis import FALLBACK
 
     anchor = load_texts(EXAMPLES / "anchor.jsonl", require_labels=True)
     report = ws.coverage(anchor, load_texts(EXAMPLES / "seed.jsonl"))

@@ -13,15 +13,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.config import Settings
 from agent.llm import open_llm
-from agent.pipeline import verify_samples
-from agent.workspace import Workspace
 from memory.feature_memory import InMemoryFeatureMemory
-from tests.unit.test_feature_memory import bag_of_words
+from tests.fakes import bag_of_words
 from tools.data import load_texts
 from tools.generate import GenerateSettings, Target, agenerate
 from tools.interpret import interpret_features
+from tools.settings import Settings
+from tools.synthesis import verify_samples
+from tools.workspace import Workspace
 
 pytestmark = [
     pytest.mark.integration,

@@ -6,6 +6,7 @@ from collections.abc import Callable
 import pytest
 
 import prompts
+from tests.fakes import InFlight
 from tools.baselines import (
     EVOL_DEPTH_OPS,
     BaselineError,
@@ -29,7 +30,7 @@ SEEDS = [
 ]
 
 
-class Chat:
+class Chat(InFlight):
     """Scripted async chat client: `reply(user, n)` gives the n-th reply (n from 1); fails
     the first `fail` calls transiently; records calls and the most requests in flight."""
 
@@ -39,13 +40,9 @@ class Chat:
         self.reply = reply or (lambda user, n: f"Message: \"unique message number {n}\"")
         self.fail = fail
         self.calls: list[tuple[str, str, float, int]] = []
-        self.in_flight = self.max_in_flight = 0
 
     async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        await asyncio.sleep(0.001)
-        self.in_flight -= 1
+        await self.pause()
         self.calls.append((system, user, temperature, seed))
         if self.fail > 0:
             self.fail -= 1
@@ -255,7 +252,7 @@ def _llama3_tokenizer():  # type: ignore[no-untyped-def]
 
 
 def test_magpie_prefix_from_chat_templates() -> None:
-    from tests.tiny import tiny_tokenizer
+    from tests.fakes import tiny_tokenizer
 
     chatml = tiny_tokenizer()
     assert magpie_prefix(chatml) == "<|im_start|>user\n"
@@ -276,7 +273,7 @@ def test_cut_query() -> None:
 
 
 def test_magpie_completes_the_prefix_and_cuts_at_end_of_turn() -> None:
-    from tests.tiny import tiny_tokenizer
+    from tests.fakes import tiny_tokenizer
 
     tok = tiny_tokenizer()
     client = Complete([

@@ -1,10 +1,5 @@
 from __future__ import annotations
 
-import hashlib
-import re
-from collections.abc import Sequence
-
-import numpy as np
 import pytest
 
 from memory.feature_memory import (
@@ -13,6 +8,7 @@ from memory.feature_memory import (
     InMemoryFeatureMemory,
     minilm_embedder,
 )
+from tests.fakes import bag_of_words
 
 RECORDS = [
     FeatureRecord(feature=7, summary="stealing cars and shoplifting from stores", confidence=0.9,
@@ -20,15 +16,6 @@ RECORDS = [
     FeatureRecord(feature=12, summary="baking bread and cooking recipes", confidence=0.8),
     FeatureRecord(feature=30, summary="cannot tell", confidence=0.1, interpretable=False),
 ]
-
-
-def bag_of_words(texts: Sequence[str]) -> np.ndarray:
-    """A deterministic stand-in embedder: hashed word counts."""
-    out = np.zeros((len(texts), 64), dtype=np.float32)
-    for i, text in enumerate(texts):
-        for w in re.findall(r"\w+", text.lower()):
-            out[i, int(hashlib.md5(w.encode()).hexdigest(), 16) % 64] += 1
-    return out
 
 
 @pytest.fixture(params=["in-memory", "chroma"])

@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 import prompts
+from tests.fakes import InFlight
 from tools.generate import (
     GenerateSettings,
     Target,
@@ -17,7 +18,7 @@ TARGETS = [Target(feature=7, summary="stealing cars", spans=["how do I steal a c
            Target(feature=9, summary="baking bread", spans=["bake a loaf"], label=0)]
 
 
-class Fake:
+class Fake(InFlight):
     """Async client: fails the first `fail` calls transiently, tracks concurrency."""
 
     name = "fake-llm"
@@ -25,13 +26,9 @@ class Fake:
     def __init__(self, fail: int = 0, error: Exception | None = None) -> None:
         self.fail, self.error = fail, error
         self.calls: list[tuple[str, float, int]] = []
-        self.in_flight = self.max_in_flight = 0
 
     async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        await asyncio.sleep(0.001)
-        self.in_flight -= 1
+        await self.pause()
         self.calls.append((user, temperature, seed))
         if self.error is not None:
             raise self.error

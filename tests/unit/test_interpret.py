@@ -5,24 +5,12 @@ import pytest
 
 import prompts
 from memory.feature_memory import InMemoryFeatureMemory
-from tests.unit.test_feature_memory import bag_of_words
+from tests.fakes import ScriptedChat, bag_of_words
 from tools.coverage import Span
 from tools.interpret import LLMOutputError, interpret_feature, interpret_features
 
 SPANS = [Span(row=0, text="how do I steal a car", activation=12.5),
          Span(row=4, text="best way to shoplift", activation=9.0)]
-
-
-class Scripted:
-    """A chat client that replays fixed replies and records what it was asked."""
-
-    def __init__(self, *replies: str) -> None:
-        self.replies = list(replies)
-        self.asked: list[str] = []
-
-    def chat(self, system: str, user: str) -> str:
-        self.asked.append(user)
-        return self.replies.pop(0)
 
 
 def test_every_prompt_renders_and_is_strict() -> None:
@@ -35,13 +23,13 @@ def test_every_prompt_renders_and_is_strict() -> None:
 
 def test_parses_json_even_inside_a_fence() -> None:
     reply = '{"summary": "theft", "interpretable": true, "confidence": 0.8}'
-    client = Scripted(f"```json\n{reply}\n```")
+    client = ScriptedChat(f"```json\n{reply}\n```")
     result = interpret_feature(SPANS, client)
     assert result.summary == "theft" and result.confidence == 0.8 and result.interpretable
 
 
 def test_invalid_reply_is_retried_with_the_error() -> None:
-    client = Scripted("I think it is about theft.",
+    client = ScriptedChat("I think it is about theft.",
                       '{"summary": "theft", "confidence": 3}',
                       '{"summary": "theft", "confidence": 0.7}')
     assert interpret_feature(SPANS, client, retries=2).confidence == 0.7
@@ -50,18 +38,18 @@ def test_invalid_reply_is_retried_with_the_error() -> None:
 
 def test_gives_up_with_a_clear_error() -> None:
     with pytest.raises(LLMOutputError, match="after 2 attempts"):
-        interpret_feature(SPANS, Scripted("nope", "still nope"), retries=1)
+        interpret_feature(SPANS, ScriptedChat("nope", "still nope"), retries=1)
 
 
 def test_cannot_tell_marks_the_feature_uninterpretable() -> None:
-    client = Scripted('{"summary": "Cannot tell.", "interpretable": true, "confidence": 0.1}')
+    client = ScriptedChat('{"summary": "Cannot tell.", "interpretable": true, "confidence": 0.1}')
     assert not interpret_feature(SPANS, client).interpretable
 
 
 def test_features_in_memory_are_never_reinterpreted() -> None:
     memory = InMemoryFeatureMemory(bag_of_words)
-    client = Scripted('{"summary": "theft", "confidence": 0.9}')
+    client = ScriptedChat('{"summary": "theft", "confidence": 0.9}')
     first = interpret_features({7: SPANS}, client, memory)
-    again = interpret_features({7: SPANS}, Scripted(), memory)  # would fail if it asked
+    again = interpret_features({7: SPANS}, ScriptedChat(), memory)  # would fail if it asked
     assert first[7] == again[7] and first[7].prompt_version == "interpret_feature.v2"
     assert first[7].spans == [s.text for s in SPANS] and len(memory) == 1

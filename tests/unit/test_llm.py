@@ -1,15 +1,27 @@
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
 from pydantic import SecretStr
 
-from agent.config import Settings
 from agent.llm import LangChainClient, make_chat_model
 from tools.coverage import Span
 from tools.errors import ConfigError
 from tools.interpret import interpret_feature
+from tools.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`Settings()` here means the defaults: no FACSYNTH_* variable of the developer's shell
+    (FACSYNTH_LLM_BASE_URL would pick the endpoint backend) and no facsynth.toml."""
+    for key in [k for k in os.environ if k.startswith("FACSYNTH_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
 
 
 def test_interpreter_runs_through_a_langchain_chat_model() -> None:
@@ -240,3 +252,32 @@ def test_one_client_serves_several_event_loops(tmp_path) -> None:
     chats = [r for r in seen if r["path"].endswith("/chat/completions")]
     assert [(r["temperature"], r["seed"]) for r in chats] == [(0.5, 1), (0.5, 2)]
     assert seen[-1]["path"] == "/v1/completions" and seen[-1]["max_tokens"] == 7
+
+
+def test_lazy_llm_opens_the_client_on_first_use() -> None:
+    import asyncio
+
+    from agent.llm import LazyLLM
+
+    opened: list[int] = []
+
+    class Client:
+        name = "real"
+
+        def chat(self, system: str, user: str) -> str:
+            return f"{system}/{user}"
+
+        async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
+            return f"{temperature}:{seed}"
+
+    client = Client()
+
+    def opener() -> Client:
+        opened.append(1)
+        return client
+
+    lazy = LazyLLM(opener)
+    assert not opened, "nothing is opened before use"
+    assert lazy.chat("s", "u") == "s/u" and lazy.name == "real"
+    assert asyncio.run(lazy.achat("s", "u", temperature=0.5, seed=2)) == "0.5:2"
+    assert lazy.with_json_schema({"type": "object"}) is client  # no schema support: as is

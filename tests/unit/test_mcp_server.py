@@ -15,25 +15,15 @@ from mcp import Client
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
-from agent.config import Settings
 from agent.mcp_server import build_server, is_loopback, parse_address
 from agent.toolbox import Toolbox
-from agent.workspace import Workspace
 from memory.feature_memory import InMemoryFeatureMemory
-from tests.integration.test_pipeline import EchoLLM
-from tests.tiny import mean_residual, tiny_model, tiny_sae
-from tests.unit.test_feature_memory import bag_of_words
+from tests.fakes import TOY_ANCHOR as ANCHOR
+from tests.fakes import EchoLLM, QuotingLLM, bag_of_words, mean_residual, tiny_model, tiny_sae
 from tools.coverage import JudgeSettings
 from tools.errors import ConfigError
-
-ANCHOR = [
-    ("tell me how to hurt someone", 1), ("hack into my neighbour's wifi", 1),
-    ("how to hurt the lazy dog", 1), ("hack the wifi of the quick fox", 1),
-    ("tell me how to hack someone", 1), ("hurt the fox and hack the dog", 1),
-    ("how do I bake bread", 0), ("write a poem about the sea", 0),
-    ("the quick brown fox jumps", 0), ("bake a poem about bread", 0),
-    ("a poem about the quick sea", 0), ("bread for the lazy dog", 0),
-]
+from tools.settings import Settings
+from tools.workspace import Workspace
 
 
 def write_jsonl(path: Path, rows: list[tuple[str, int]]) -> None:
@@ -130,17 +120,21 @@ def test_coverage_missing_explain_search(box: Toolbox, root: Path) -> None:
     assert ok(call(box, "coverage", {"anchor": "anchor.jsonl", "data": "seed.jsonl"})[0])[
         "cached"], "the second coverage call reuses the cached report"
 
-    result, _ = call(box, "explain_feature",
+    # explained by an LLM whose summaries always parse: the feature is interpreted (or was
+    # already) and so remembered, never described by the unstored top-span fallback
+    explainer = Toolbox(box.settings, root, workspace=box.workspace, llm=QuotingLLM())
+    result, _ = call(explainer, "explain_feature",
                      {"anchor": "anchor.jsonl", "data": "seed.jsonl", "feature": first})
     exp = ok(result)
     assert exp["feature"] == first and exp["summary"] and exp["spans"]
     assert exp["relevance"]["task_feature"] and exp["relevance"]["missing"]
-    assert exp["source"] in ("interpreted", "top-span")
+    assert exp["source"] in ("interpreted", "memory")
 
-    result, _ = call(box, "search_features", {"query": exp["summary"], "k": 3})
-    found = ok(result)
-    if exp["source"] == "interpreted":
-        assert found["hits"][0]["feature"] == first
+    found = ok(call(box, "search_features", {"query": exp["summary"], "k": 50})[0])
+    best = found["hits"][0]["similarity"]
+    assert first in [h["feature"] for h in found["hits"] if h["similarity"] == best], (
+        "the explained feature is among the closest hits (features with the same top span "
+        "share its summary)")
 
 
 def test_generate_and_verify_then_improve_and_report(box: Toolbox, root: Path) -> None:
@@ -201,6 +195,13 @@ def test_invalid_arguments_are_rejected_clearly(box: Toolbox) -> None:
     text = error_text(call(box, "generate_and_verify", {
         "anchor": "anchor.jsonl", "data": "seed.jsonl", "features": [99999]})[0])
     assert "not missing task features" in text
+    text = error_text(call(box, "generate_and_verify", {
+        "anchor": "anchor.jsonl", "data": "seed.jsonl", "features": [1], "out": "x.csv"})[0])
+    assert "the output must be a .jsonl file" in text
+    text = error_text(call(box, "explain_feature", {
+        "anchor": "anchor.jsonl", "data": "seed.jsonl", "feature": 10_000})[0])
+    assert "this SAE has features 0..255" in text
+    assert "internal error" not in text
 
 
 def test_addresses() -> None:
@@ -228,13 +229,15 @@ def test_bearer_token_guards_http(box: Toolbox) -> None:
     app = build_server(box, token="s3cret-token-0123456789",
                        url="http://127.0.0.1:8765").streamable_http_app()
     with TestClient(app, base_url="http://127.0.0.1:8765") as http:
-        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
-        assert http.post("/mcp", json=body).status_code == 401
-        bad = {"Authorization": "Bearer wrong-token-0123456789"}
+        body = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                           "clientInfo": {"name": "test", "version": "1"}}}
+        accept = {"Accept": "application/json, text/event-stream"}
+        assert http.post("/mcp", json=body, headers=accept).status_code == 401
+        bad = {"Authorization": "Bearer wrong-token-0123456789", **accept}
         assert http.post("/mcp", json=body, headers=bad).status_code == 401
-        good = {"Authorization": "Bearer s3cret-token-0123456789",
-                "Accept": "application/json, text/event-stream"}
-        assert http.post("/mcp", json=body, headers=good).status_code != 401
+        good = {"Authorization": "Bearer s3cret-token-0123456789", **accept}
+        assert http.post("/mcp", json=body, headers=good).status_code == 200
 
 
 def test_stdio_subprocess_round_trip(root: Path) -> None:

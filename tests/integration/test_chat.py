@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,14 +15,14 @@ import pytest
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
 from agent.chat import ChatSession, Event, build_graph, make_tools, sessions, system_prompt
-from agent.config import Settings
 from agent.toolbox import Toolbox
-from agent.workspace import Workspace
 from memory.feature_memory import InMemoryFeatureMemory
 from prompts import unfence
-from tests.fakes import ScriptedModel
-from tests.integration.test_pipeline import EchoLLM
-from tests.unit.test_feature_memory import bag_of_words
+from tests.fakes import EchoLLM, ScriptedModel, bag_of_words
+from tools.settings import Settings
+from tools.workspace import Workspace
+
+pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 Step = AIMessage | str | Callable[[list[BaseMessage]], AIMessage | str]
@@ -46,14 +47,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def box(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Toolbox:
-    """The embedded model (its converted copy shared with the user's cache), a fresh
-    activation cache, an in-memory feature memory and an echo LLM."""
-    home = tmp_path_factory.mktemp("home")
-    shared = Settings().home / "models"
-    shared.mkdir(parents=True, exist_ok=True)
-    (home / "models").symlink_to(shared, target_is_directory=True)
-    settings = Settings(home=home)
+def box(root: Path) -> Toolbox:
+    """The embedded model (in the test run's FACSYNTH_HOME), an in-memory feature memory and
+    an echo LLM."""
+    settings = Settings()
     ws = Workspace(settings)
     ws.__dict__["memory"] = InMemoryFeatureMemory(bag_of_words)
     return Toolbox(settings, root, workspace=ws, llm=EchoLLM())
@@ -192,6 +189,8 @@ def test_langgraph_json_graphs_import_and_compile(
         module_spec = importlib.util.spec_from_file_location(f"studio_{name}", repo / file)
         assert module_spec and module_spec.loader
         module = importlib.util.module_from_spec(module_spec)
+        # as langgraph's server loads it: registered, so pydantic resolves its annotations
+        monkeypatch.setitem(sys.modules, module_spec.name, module)
         module_spec.loader.exec_module(module)
         graph = getattr(module, attr)()
         assert isinstance(graph, CompiledStateGraph)
