@@ -109,7 +109,7 @@ def load_run_inputs(cfg: RunConfig) -> tuple[TextDataset, TextDataset, TextDatas
     if cfg.eval:
         return anchor, data, load(cfg.eval, require_labels=True)
     assert anchor.labels is not None
-    keep, held = stratified_split(anchor.labels, cfg.eval_frac, seed=0)
+    keep, held = stratified_split(anchor.labels, cfg.eval_frac, seed=0, texts=anchor.texts)
     return anchor.subset(keep), data, anchor.subset(held)
 
 

@@ -26,6 +26,7 @@ FAC is every method's training set measured against the pool. Generated sets are
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -162,7 +163,7 @@ def main() -> None:
         pool, ev = anchor, load_texts(args.eval, require_labels=True)
     else:
         assert anchor.labels is not None
-        keep, held = stratified_split(anchor.labels, 0.25, seed=0)
+        keep, held = stratified_split(anchor.labels, 0.25, seed=0, texts=anchor.texts)
         pool, ev = subset(anchor, keep, "pool"), subset(anchor, held, "eval")
     settings = Settings(**({"generator": args.generator} if args.generator else {}))
     ws = Workspace(settings)
@@ -172,11 +173,17 @@ def main() -> None:
           f"budget {args.budget}, {args.seeds} seeds, detector {args.detector}", flush=True)
 
     results: dict[str, list[tuple[Metrics, float, int]]] = {m: [] for m in args.methods}
+    # generated sets are cached per everything that shapes them, so a rerun with another
+    # budget, top, seed fraction, relevance, generator or eval file never reuses them
+    shape = json.dumps([args.budget, args.top, args.seed_frac, args.relevance, args.generator,
+                        str(args.eval), str(args.anchor)])
+    cache = args.work / hashlib.sha256(shape.encode()).hexdigest()[:12]
     start = time.monotonic()
     with open_llm(settings, args.work, ws) as llm:
         for s in range(args.seeds):
             assert pool.labels is not None
-            rest_idx, seed_idx = stratified_split(pool.labels, args.seed_frac, seed=s)
+            rest_idx, seed_idx = stratified_split(pool.labels, args.seed_frac, seed=s,
+                                                  texts=pool.texts)
             seed_set = subset(pool, seed_idx, f"seed{s}")
             positives = [t for t, y in zip(seed_set.texts, seed_set.labels or [], strict=True)
                          if y == 1]
@@ -185,12 +192,12 @@ def main() -> None:
                                + [(pool.labels)[i] for i in rest_idx], source="full")
             added: dict[str, list[Sample]] = {"seed": []}
             if {"fac", "fac-r2"} & set(args.methods):
-                r1, r2 = run_fac(ws, llm, pool, ev, seed_set, args, args.work / f"s{s}" / "fac", s)
+                r1, r2 = run_fac(ws, llm, pool, ev, seed_set, args, cache / f"s{s}" / "fac", s)
                 added["fac"], added["fac-r2"] = r1, r1 + r2
             for method in BASELINES:
                 if method not in args.methods:
                     continue
-                path = args.work / f"s{s}" / f"{method}.jsonl"
+                path = cache / f"s{s}" / f"{method}.jsonl"
                 if path.exists():
                     added[method] = read_samples(path)
                     continue

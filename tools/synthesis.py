@@ -41,6 +41,10 @@ class Feature(BaseModel):
     record: FeatureRecord
     log_odds: float = 0.0
     targeted: bool = Field(description="chosen for generation under the relevance setting")
+    spans: list[str] = Field(
+        default_factory=list,
+        description="this anchor's top spans of the feature: generation shows these, never "
+        "the spans remembered with the summary (they may come from another anchor)")
 
 
 class Interpreted(BaseModel):
@@ -53,7 +57,7 @@ class Interpreted(BaseModel):
     @property
     def targets(self) -> list[Target]:
         return [
-            Target(feature=f.record.feature, summary=f.record.summary, spans=f.record.spans)
+            Target(feature=f.record.feature, summary=f.record.summary, spans=f.spans)
             for f in self.features if f.targeted
         ]
 
@@ -108,7 +112,7 @@ def interpret_missing(
             )
     features = [
         Feature(
-            record=records[m.feature], log_odds=m.log_odds,
+            record=records[m.feature], log_odds=m.log_odds, spans=[x.text for x in m.spans],
             targeted=records[m.feature].interpretable
             and keep(records[m.feature].relevance.get("llm"), relevance),
         )

@@ -103,3 +103,14 @@ def test_generation_prompt_renders_both_labels() -> None:
     for label in (0, 1):
         text = prompts.render("generate_toxicity.v2", summary="x", spans=["y"], label=label)
         assert "<data>x</data>" in text and "- <data>y</data>" in text
+
+
+def test_request_seeds_never_collide() -> None:
+    from tools.generate import SEED_BITS, job_seed
+
+    gs = GenerateSettings(per_feature=300, seed=7)
+    seeds = [job_seed(gs, f, k) for f in range(50) for k in range(300)]
+    assert len(set(seeds)) == len(seeds) and max(seeds) < 2**SEED_BITS
+    # the old scheme (seed * 1_000_003 + feature * 101 + k) gave (f=0, k=101) == (f=1, k=0)
+    assert job_seed(gs, 0, 101) != job_seed(gs, 1, 0)
+    assert job_seed(gs, 3, 4) == job_seed(GenerateSettings(seed=7), 3, 4), "stable identity"
