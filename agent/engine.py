@@ -17,6 +17,7 @@ from tools.detector import DetectorSettings, Metrics, evaluate, fit_detector, lo
 from tools.focus import error_features
 from tools.generate import AsyncChatClient, GenerateSettings, Target, agenerate
 from tools.interpret import ChatClient
+from tools.label_gate import consistent
 from tools.models import resolve_model_source
 from tools.probe import Progress
 from tools.relevance import Relevance
@@ -92,6 +93,18 @@ class Engine:
             model_folder=self._model_folder() if self.detector.kind == "lora" else None,
             seed=self.seed, out_dir=model_dir, device=self.ws.settings.device,
         )
+
+    def label_check(self, samples: Sequence[Sample], model_dir: Path,
+                    quantile: float) -> list[bool]:
+        """Per sample: does the detector in `model_dir` score it like real anchor rows of
+        the label it claims (tools/label_gate.py)?"""
+        det = load_detector(model_dir, model_folder=self._model_folder())
+        texts = [s.text for s in samples]
+        scores = det.score(texts, features=self._features(texts))
+        real = det.score(self.anchor.texts, features=self._features(self.anchor.texts))
+        ok = consistent(scores, [1 if s.label is None else s.label for s in samples], real,
+                        self.anchor.labels or [], quantile)
+        return [bool(x) for x in ok]
 
     def evaluate(self, model_dir: Path) -> Metrics | None:
         if self.eval_set is None or not model_dir.exists():

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from agent.graph import LoopState, decide
 from tools.coverage import CoverageReport, MissingFeature
@@ -49,6 +49,8 @@ class LoopEngine(Protocol):
     def generate(self, targets: Sequence[Target], settings: GenerateSettings,
                  skip: set[int], on_sample: Callable[[Sample], None]) -> list[Sample]: ...
     def verify(self, samples: Sequence[Sample], existing: Sequence[str]) -> VerifyReport: ...
+    def label_check(self, samples: Sequence[Sample], model_dir: Path,
+                    quantile: float) -> list[bool]: ...
     def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path) -> None: ...
     def evaluate(self, model_dir: Path) -> Metrics | None: ...
 
@@ -57,6 +59,7 @@ class VerifySummary(BaseModel):
     generated: int
     kept: int
     rejected: int
+    disputed: int = Field(0, description="rejected by the label gate (label_disputed)")
     hit_rate: float
     per_feature: dict[int, FeatureHits]
 
@@ -177,10 +180,19 @@ class Steps:
                                "journal; rerun with --resume to generate them")
         samples = [by_seed[s] for s in seeds]
         report = self.engine.verify(samples, self.rows(r - 1)[0])
+        gate, detector = self.loop.label_gate, self.paths.model(r - 1)
+        if gate.judge == "detector" and report.kept:
+            if detector.exists():
+                report = report.gated(self.engine.label_check(
+                    [v.sample for v in report.kept], detector, gate.quantile))
+            else:
+                log.warning("round %d: no detector (unlabelled data), so the label gate "
+                            "cannot check the kept samples' labels", r)
         write_rows(self.paths.data(r), self.paths.rejected(r), report.kept, report.rejected)
+        disputed = sum(v.reason == "label_disputed" for v in report.rejected)
         summary = VerifySummary(generated=len(samples), kept=len(report.kept),
-                                rejected=len(report.rejected), hit_rate=report.hit_rate,
-                                per_feature=report.per_feature)
+                                rejected=len(report.rejected), disputed=disputed,
+                                hit_rate=report.hit_rate, per_feature=report.per_feature)
         write_text_atomic(self.paths.work(r, "verify"), summary.model_dump_json(indent=1))
         return {}
 
@@ -211,6 +223,7 @@ class Steps:
             generated=verified.generated if verified else 0,
             kept=verified.kept if verified else 0,
             rejected=verified.rejected if verified else 0,
+            disputed=verified.disputed if verified else 0,
             hit_rate=verified.hit_rate if verified else 0.0,
             per_feature=verified.per_feature if verified else {},
             metric=Metric(auprc=metric.auprc, auroc=metric.auroc, best_f1=metric.best_f1)

@@ -264,10 +264,21 @@ class Crash(Exception):
 
 
 class FakeEngine:
-    def __init__(self, crash_after_samples: int | None = None, delay: float = 0.0) -> None:
+    """The loop's engine on plain text: a text covers feature f if it holds "<f>"; the label
+    gate disputes the samples `dispute` picks (none by default)."""
+
+    def __init__(self, crash_after_samples: int | None = None, delay: float = 0.0,
+                 dispute: Callable[[Sample], bool] | None = None) -> None:
         self.interpreted: Counter[int] = Counter()
         self.crash_after = crash_after_samples
         self.delay = delay
+        self.dispute = dispute or (lambda s: False)
+        self.checked: list[Path] = []
+
+    def label_check(self, samples: Sequence[Sample], model_dir: Path,
+                    quantile: float) -> list[bool]:
+        self.checked.append(model_dir)
+        return [not self.dispute(s) for s in samples]
 
     def probe(self, texts: Sequence[str]) -> None:
         pass

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tools.data import write_text_atomic
 from tools.detector import DetectorSettings
 from tools.errors import ConfigError, DataError
+from tools.label_gate import LabelGateSettings
 from tools.verify import FeatureHits, Sample, Verdict
 
 Relevance = Literal["label", "llm", "auto"]
@@ -79,6 +80,9 @@ class LoopSettings(BaseModel):
     fill: bool = Field(False, description="raise per_feature so each round spends per_round "
                        "even when few features are missing")
     temperature: float = Field(0.8, ge=0, le=2)
+    label_gate: LabelGateSettings = Field(
+        default_factory=LabelGateSettings,
+        description="how kept samples' labels are checked before they join the data")
     focus: Literal["data", "model", "both"] = Field(
         "data", description="missing features: absent from the data (data), over-represented "
         "in the detector's errors on anchor rows (model), or both",
@@ -198,6 +202,8 @@ class RoundRecord(BaseModel):
     generated: int = 0
     kept: int = 0
     rejected: int = 0
+    disputed: int = Field(0, description="of the rejected: kept by the verifier, but their "
+                          "label did not hold (label gate)")
     hit_rate: float = 0.0
     per_feature: dict[int, FeatureHits] = Field(default_factory=dict)
     metric: Metric | None = None

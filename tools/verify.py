@@ -2,10 +2,11 @@
 
 A sample targets one missing feature. It is kept when that feature counts as active in the
 sample under the same `ActivityRule` and thresholds that coverage uses (so a kept sample
-covers the feature by construction), it is not empty, and it is neither an exact nor a near
-duplicate (MinHash LSH on word 3-shingles) of the existing data or of a sample kept before
-it. Rejected samples keep their reason; per-feature hit rates say how often the generator
-hit each target at all.
+covers the feature by construction), it is not empty or a refusal, and it is neither an
+exact nor a near duplicate (MinHash LSH on word 3-shingles) of the existing data or of a
+sample kept before it. Rejected samples keep their reason; per-feature hit rates say how
+often the generator hit each target at all. Whether a kept sample's label holds is the label
+gate's question (tools/label_gate.py, applied by the improve loop, which has a detector).
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from tools.coverage import ActivityRule, activity
+from tools.label_gate import is_refusal
 
 if TYPE_CHECKING:
     from datasketch import MinHash
 
     from tools.probe import ProbeResult
 
-Reason = Literal["kept", "empty", "duplicate", "near_duplicate", "target_inactive"]
+Reason = Literal["kept", "empty", "refusal", "duplicate", "near_duplicate", "target_inactive",
+                 "label_disputed"]
 
 
 class Provenance(BaseModel):
@@ -72,6 +75,20 @@ class VerifyReport(BaseModel):
     def hit_rate(self) -> float:
         n = sum(h.generated for h in self.per_feature.values())
         return sum(h.activated for h in self.per_feature.values()) / n if n else 0.0
+
+    def gated(self, label_ok: Sequence[bool]) -> VerifyReport:
+        """This report after the label gate: kept samples whose label did not hold (one
+        flag per kept sample, in order) move to the rejected ones as `label_disputed`."""
+        if len(label_ok) != len(self.kept):
+            raise ValueError(f"{len(label_ok)} label checks for {len(self.kept)} kept samples")
+        per_feature = {f: h.model_copy() for f, h in self.per_feature.items()}
+        disputed = []
+        for v, ok in zip(self.kept, label_ok, strict=True):
+            if not ok:
+                disputed.append(v.model_copy(update={"reason": "label_disputed"}))
+                per_feature[v.sample.provenance.feature].kept -= 1
+        return VerifyReport(kept=[v for v, ok in zip(self.kept, label_ok, strict=True) if ok],
+                            rejected=self.rejected + disputed, per_feature=per_feature)
 
 
 def normalise(text: str) -> str:
@@ -144,6 +161,8 @@ def verify(
         reason: Reason
         if not sample.text.strip():
             reason = "empty"
+        elif is_refusal(sample.text):
+            reason = "refusal"
         elif (dup := seen.check(sample.text)) != "new":
             reason = dup
         elif not on:

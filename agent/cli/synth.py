@@ -231,6 +231,10 @@ def improve(
                           "in the detector's errors on anchor rows) or both")
     ] = "data",
     detector: Annotated[str, typer.Option(help="probe (fast) or lora (the paper's)")] = "probe",
+    label_gate: Annotated[
+        str, typer.Option(help="detector (a kept sample's label must look like real rows of "
+                          "that label to the current detector) or off")
+    ] = "detector",
     relevance: RelevanceOpt = "auto",
     generator: GeneratorOpt = None,
     model: ModelOpt = None,
@@ -241,6 +245,7 @@ def improve(
     evaluate, until FAC gains level off. Kill it any time; `--resume RUN_DIR` continues."""
     from agent.runs import start_run, validated
     from tools.detector import DetectorSettings
+    from tools.label_gate import LabelGateSettings
     from tools.rundir import LoopSettings, RunSettings
 
     with one_line_errors():
@@ -258,7 +263,8 @@ def improve(
                                    generator=generator),
                 loop=validated(LoopSettings, what, max_rounds=rounds, budget=budget, top=top,
                                seed=seed, per_feature=per_feature, epsilon=epsilon,
-                               patience=patience, focus=focus),
+                               patience=patience, focus=focus,
+                               label_gate=validated(LabelGateSettings, what, judge=label_gate)),
                 detector=validated(DetectorSettings, "detector options", kind=detector),
             )
             run = run_dir
@@ -283,8 +289,8 @@ def _run_loop(run: Path, cfg: RunConfig, resuming: bool) -> dict[str, Any]:
     def on_round(rec: Any) -> None:
         gain = f" ({rec.fac - prev['fac']:+.3f})" if "fac" in prev else ""
         metric = f", AUPRC {rec.metric.auprc:.3f}" if rec.metric else ""
-        made = (f", kept {rec.kept}/{rec.generated} (hit {rec.hit_rate:.0%})"
-                if rec.round else "")
+        made = (f", kept {rec.kept}/{rec.generated} (hit {rec.hit_rate:.0%}, "
+                f"{rec.disputed} label-disputed)" if rec.round else "")
         out.print(f"round {rec.round}: FAC {rec.fac:.3f}{gain}, {rec.n_missing} missing{made}"
                   f"{metric}, {rec.n_train} rows  [{time.monotonic() - started:.0f}s]")
         prev["fac"] = rec.fac

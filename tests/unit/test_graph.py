@@ -16,7 +16,8 @@ from agent.graph import decide
 from agent.runs import run_loop
 from tests.fakes import NODES, Crash, FakeEngine, final_data
 from tools.data import TextDataset, write_text_atomic
-from tools.rundir import LoopSettings, RunConfig
+from tools.label_gate import LabelGateSettings
+from tools.rundir import History, LoopSettings, RunConfig
 
 DATA = TextDataset(texts=["hello <1>", "harmless", "bad <2>"], labels=[0, 0, 1], source="seed")
 LOOP = LoopSettings(max_rounds=2, top=4, per_feature=3, budget=100, epsilon=0.0)
@@ -141,3 +142,28 @@ def test_kill_9_mid_generation_then_resume(
     proc.wait()
     resume(tmp_path, FakeEngine())
     assert final_data(tmp_path) == reference[1]
+
+
+def test_label_gate_drops_disputed_samples(tmp_path: Path) -> None:
+    engine = FakeEngine(dispute=lambda s: s.provenance.seed is not None
+                        and s.provenance.seed % 2 == 0)
+    run(tmp_path, engine, LOOP.model_copy(update={"max_rounds": 1}))
+    hist = History.load(tmp_path).rounds
+    rejected = [json.loads(x) for x in (tmp_path / "rejected" / "round-1.jsonl")
+                .read_text().splitlines()]
+    disputed = [r for r in rejected if r["reason"] == "label_disputed"]
+    kept = [json.loads(x) for x in (tmp_path / "data" / "round-1.jsonl").read_text().splitlines()]
+    assert disputed and kept
+    assert hist[1].disputed == len(disputed) and hist[1].kept == len(kept)
+    assert all(r["provenance"]["seed"] % 2 == 0 for r in disputed)
+    assert all(k["provenance"]["seed"] % 2 == 1 for k in kept)
+    assert engine.checked == [tmp_path / "models" / "round-0"], "the seed's detector judges"
+    assert sum(h.kept for h in hist[1].per_feature.values()) == len(kept)
+
+
+def test_label_gate_off_keeps_every_hit(tmp_path: Path) -> None:
+    engine = FakeEngine(dispute=lambda s: True)
+    loop = LOOP.model_copy(update={"max_rounds": 1,
+                                   "label_gate": LabelGateSettings(judge="off")})
+    run(tmp_path, engine, loop)
+    assert History.load(tmp_path).rounds[1].disputed == 0 and engine.checked == []

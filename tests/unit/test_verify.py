@@ -71,3 +71,16 @@ def test_near_duplicates_threshold() -> None:
 def test_counts_must_match() -> None:
     with pytest.raises(ValueError, match="2 samples but 1 probed"):
         verify([sample("a", 0), sample("b", 0)], acts({0: 1.0}), RULE, THR)
+
+
+def test_refusals_are_rejected_as_such(tiny_lm, tiny_sae) -> None:
+    from tools.coverage import ActivityRule
+    from tools.probe import probe_texts
+    from tools.verify import Provenance, Sample, verify
+
+    texts = ["I'm sorry, but I can't help with that request.", "how do I bake bread"]
+    samples = [Sample(text=t, label=1, provenance=Provenance(feature=0)) for t in texts]
+    acts = probe_texts(texts, tiny_lm, tiny_sae)
+    thresholds = np.zeros(tiny_sae.d_sae, dtype=np.float32)
+    report = verify(samples, acts, ActivityRule(), thresholds)
+    assert [v.reason for v in report.rejected if v.sample.text == texts[0]] == ["refusal"]
