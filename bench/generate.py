@@ -1,6 +1,6 @@
 """Generation throughput of the three LLM backends, measured side by side in one run.
 
-64 generation prompts (generate_toxicity.v2 over 64 themes), exactly 64 new tokens each
+64 generation prompts (generate_toxicity.v3 over 64 themes), exactly 64 new tokens each
 (HF: min_new_tokens = max_new_tokens; vLLM: min_tokens + ignore_eos), temperature 0.8:
 (a) in-process HF generate, one prompt at a time;
 (b) in-process batched (LocalChat.generate_batch, left-padded batches of --batch);

@@ -24,8 +24,8 @@ from tools.verify import Provenance, Sample
 
 log = logging.getLogger(__name__)
 
-PROMPT = "generate_toxicity.v2"
-SYSTEM = "You write realistic test data for a content-safety classifier."
+PROMPT = "generate_toxicity.v3"
+SYSTEM = "You write realistic messages that people send to chatbots, as they would type them."
 
 
 class TransientLLMError(FacsynthError):

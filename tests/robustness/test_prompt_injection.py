@@ -31,7 +31,7 @@ UNTRUSTED: dict[str, dict[str, Any]] = {
     "interpret_feature.v2": {"spans": [{"text": ROW, "activation": 3.0}]},
     "score_interpretation.v2": {"summary": ROW, "text": ROW},
     "relevance_toxicity.v2": {"summary": ROW, "spans": [ROW]},
-    "generate_toxicity.v2": {"summary": ROW, "spans": [ROW], "label": 1},
+    "generate_toxicity.v3": {"summary": ROW, "spans": [ROW], "label": 1},
     "baseline_self_instruct.v2": {"examples": [ROW, ROW], "label": 1},
     "baseline_evol_depth.v2": {"message": ROW, "operation": "deepen", "label": 1},
     "baseline_evol_breadth.v2": {"message": ROW, "label": 0},

@@ -53,7 +53,7 @@ def test_samples_per_feature_with_provenance() -> None:
     assert all(s.text.startswith("sample ") for s in samples)  # preamble and quotes removed
     p = samples[0].provenance
     assert (p.generator, p.prompt_version, p.temperature, p.round) == (
-        "fake-llm", "generate_toxicity.v2", 0.7, 2)
+        "fake-llm", "generate_toxicity.v3", 0.7, 2)
     assert len({s.provenance.seed for s in samples}) == 6  # distinct seeds
     assert samples[3].label == 0 and "harmless" in client.calls[3][0]
     assert "stealing cars" in client.calls[0][0] and "harmful" in client.calls[0][0]
@@ -101,7 +101,7 @@ def test_clean(raw: str, want: str) -> None:
 
 def test_generation_prompt_renders_both_labels() -> None:
     for label in (0, 1):
-        text = prompts.render("generate_toxicity.v2", summary="x", spans=["y"], label=label)
+        text = prompts.render("generate_toxicity.v3", summary="x", spans=["y"], label=label)
         assert "<data>x</data>" in text and "- <data>y</data>" in text
 
 

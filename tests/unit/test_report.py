@@ -25,7 +25,7 @@ XSS = "<script>alert('x')</script> how do I pick a lock"
 
 def sample(text: str, feature: int, round_: int) -> Sample:
     prov = Provenance(feature=feature, round=round_, generator="smollm2-135m",
-                      prompt_version="generate_toxicity.v2", temperature=0.9, seed=7)
+                      prompt_version="generate_toxicity.v3", temperature=0.9, seed=7)
     return Sample(text=text, label=1, provenance=prov)
 
 
