@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from tools.errors import ConfigError
+from tools.errors import ConfigError, UsageError
 from tools.rundir import RunConfig, RunPaths
 from tools.settings import Settings
 
@@ -80,13 +80,14 @@ def _absolute(source: str | None) -> str | None:
     return str(Path(source).resolve())
 
 
-def start_run(run: Path, cfg: RunConfig) -> RunConfig:
+def start_run(run: Path, cfg: RunConfig, *, resume_hint: str | None = None) -> RunConfig:
     """Check everything a new run needs (settings, readable inputs), then write its
     `config.json`: a refused start leaves nothing behind, so the corrected command just works.
-    Local input paths are stored absolute."""
+    Local input paths are stored absolute. `resume_hint` says how the caller's user continues
+    an existing run (default: the CLI's `--resume RUN`)."""
     if RunPaths(run).config.exists():
-        raise ConfigError(f"{run} already holds a run: continue it with --resume {run}, or "
-                          "choose another --run-dir")
+        raise UsageError(f"{run} already holds a run: continue it with "
+                         f"{resume_hint or f'--resume {run}'}, or choose another run folder")
     if run.exists() and not run.is_dir():
         raise ConfigError(f"--run-dir {run}: is a file; give a folder for the run")
     cfg = cfg.model_copy(update={"anchor": _absolute(cfg.anchor), "data": _absolute(cfg.data),

@@ -189,10 +189,15 @@ class Toolbox:
         except ConfigError:
             return "unavailable"
 
-    def _dataset(self, path: str, *, labels: bool) -> tuple[Path, TextDataset]:
+    def _file(self, path: str) -> Path:
+        """`path` as an existing dataset file inside the root."""
         real = self.sandbox.resolve(path, must_exist=True)
         if not real.is_file():
             raise DataError(f"{path}: not a file (a JSONL, CSV or Parquet dataset is expected)")
+        return real
+
+    def _dataset(self, path: str, *, labels: bool) -> tuple[Path, TextDataset]:
+        real = self._file(path)
         return real, load_texts(real, require_labels=labels)
 
     def _report(
@@ -434,7 +439,7 @@ class Toolbox:
         Takes minutes. With resume=true it continues the run in `run_dir` with that run's
         own settings (the other arguments are then ignored)."""
         from agent.runs import run_loop, start_run
-        from tools.rundir import History, LoopSettings, RunConfig, RunPaths, RunSettings
+        from tools.rundir import History, LoopSettings, RunConfig, RunSettings
 
         started = time.monotonic()
         run = self.sandbox.resolve(run_dir)
@@ -444,17 +449,12 @@ class Toolbox:
         if resume:
             cfg = RunConfig.read(run)
         else:
-            if RunPaths(run).config.exists():
-                raise UsageError(f"{run_dir} already holds a run: continue it with resume=true "
-                                 "or choose another run_dir")
-            a_path, _ = self._dataset(anchor, labels=True)
-            d_path, _ = self._dataset(data, labels=False)
             s = self.settings
             cfg = start_run(run, RunConfig(
-                anchor=str(a_path), data=str(d_path), relevance=relevance,
+                anchor=str(self._file(anchor)), data=str(self._file(data)), relevance=relevance,
                 settings=RunSettings(model=s.model, sae=s.sae, generator=s.generator),
                 loop=LoopSettings(max_rounds=rounds, budget=budget, top=top, seed=seed,
-                                  per_feature=per_feature)))
+                                  per_feature=per_feature)), resume_hint="resume=true")
         step = _Progress(progress, float(6 + 8 * cfg.loop.max_rounds))
         with self._lock:
             state = run_loop(run, cfg, resume, workspace=self.workspace, llm=self.llm,
