@@ -124,6 +124,9 @@ class Span(BaseModel):
 
 class MissingFeature(FeatureStats):
     spans: list[Span] = []
+    data_rows: int = Field(0, description="rows of the data where the feature is active")
+    needed: int = Field(0, description="rows the graded rule asks for (see GradedRule)")
+    deficit: int = Field(0, description="max(0, needed - data_rows)")
 
 
 class CoverageReport(BaseModel):
@@ -139,6 +142,11 @@ class CoverageReport(BaseModel):
     fac: float
     anchor_fac: float
     missing: list[MissingFeature]
+    fac_graded: float = Field(
+        0.0, description="mean over task features of min(1, data_rows / needed)")
+    deficits: list[MissingFeature] = Field(
+        default_factory=list, description="task features with deficit > 0 (the missing ones "
+        "included), largest deficit first, with spans")
     saturated: bool = Field(description="FAC >= 0.99: raise the threshold or use a wider SAE")
 
 

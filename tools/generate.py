@@ -42,7 +42,12 @@ class Target(BaseModel):
     feature: int
     summary: str
     spans: list[str] = Field(default_factory=list)
-    label: int = 1
+    label: int = Field(1, description="the label asked for (a claim the label gate checks)")
+    host: str | None = Field(
+        None, description="a real anchor row of this label to rewrite so it carries the "
+        "feature's theme (grounded generation); None: write from scratch")
+    n: int | None = Field(
+        None, ge=1, description="requests for this target; None: GenerateSettings.per_feature")
 
 
 class SamplingSettings(BaseModel):
