@@ -77,7 +77,7 @@ def _check_format(samples, budget, method, generator, label=1):  # type: ignore[
     assert len(samples) == budget
     assert all(s.text and s.label == label for s in samples)
     assert all(s.provenance.feature == -1 for s in samples)
-    assert {s.provenance.prompt_version for s in samples} == {f"baseline-{method}.v2"}
+    assert {s.provenance.prompt_version for s in samples} == {f"baseline-{method}.v3"}
     assert {s.provenance.generator for s in samples} == {generator}
     assert len({s.provenance.seed for s in samples}) == budget
 
@@ -91,7 +91,7 @@ def test_random_budget_format_and_label() -> None:
     _check_format(out, 5, "random", "fake-chat")
     assert out[0].text.startswith("unique message number")  # cleaned like tools.generate
     assert out[0].provenance.round == 3 and out[0].provenance.temperature == 0.9
-    assert "should flag" in client.calls[0][1]
+    assert "something harmful" in client.calls[0][1]
     assert len({c[3] for c in client.calls}) == 5  # varied by seed
 
     harmless = Chat()
@@ -187,12 +187,12 @@ def test_self_instruct_rejects_near_copies_and_grows_the_pool() -> None:
     assert sum(s in first for s in SEEDS) == 5 and "7. " not in first
     assert "6. " in later and sum(s in later for s in SEEDS) == 4
     assert sum(t in later for t in texts[:3]) == 2
-    assert "should flag" in first
+    assert "harmful:" in first
 
 
 def test_self_instruct_prompt_renders_both_labels() -> None:
     for label, word in ((1, "harmful"), (0, "harmless")):
-        text = prompts.render("baseline_self_instruct.v2", examples=["x", "y"], label=label)
+        text = prompts.render("baseline_self_instruct.v3", examples=["x", "y"], label=label)
         assert "1. <data>x</data>" in text and "2. <data>y</data>" in text
         assert "message 3" in text and word in text
 
@@ -221,14 +221,14 @@ def test_evol_instruct_filters_failed_evolutions_and_evolves_children() -> None:
     users = [c[1] for c in client.calls]
     assert any("rarer" in u for u in users)  # in-breadth
     depth = [u for u in users if "more complex version" in u]
-    assert depth and all("must remain a harmful" in u for u in depth)
+    assert depth and all("must remain a message that asks for, or says, something harmful" in u for u in depth)
 
 
 def test_evol_prompts_render_every_operation() -> None:
-    bodies = {prompts.render("baseline_evol_depth.v2", operation=op, message="m", label=1)
+    bodies = {prompts.render("baseline_evol_depth.v3", operation=op, message="m", label=1)
               for op in EVOL_DEPTH_OPS}
     assert len(bodies) == 4 and all("\n<data>m</data>\n" in b for b in bodies)
-    breadth = prompts.render("baseline_evol_breadth.v2", message="m", label=0)
+    breadth = prompts.render("baseline_evol_breadth.v3", message="m", label=0)
     assert "same domain" in breadth and "harmless" in breadth
 
 
@@ -307,3 +307,14 @@ def test_rejections_under_concurrency_still_fill_the_budget() -> None:
     out = run("random", client, budget=10, concurrency=4)
     assert len(out) == 10 and len({s.text for s in out}) == 10
     assert client.max_in_flight <= 4 and len(client.calls) >= 20
+
+
+def test_baseline_prompts_never_mention_classifiers_or_safety() -> None:
+    # the 135M generator echoes such words into its samples
+    for name, kw in (("baseline_random.v2", {}),
+                     ("baseline_self_instruct.v3", {"examples": ["x"]}),
+                     ("baseline_evol_depth.v3", {"message": "m", "operation": "deepen"}),
+                     ("baseline_evol_breadth.v3", {"message": "m"})):
+        for label in (0, 1):
+            text = prompts.render(name, label=label, **kw).lower()
+            assert not {"classifier", "safety", "detector"} & set(text.replace(".", " ").split())

@@ -32,7 +32,7 @@ seed or of an earlier sample, or refusals ("sorry", "as an AI", ...) are rejecte
 requested again, at most `budget * max_requests_factor` requests in all; `BaselineError` if
 that is not enough, or when the LLM still fails transiently after the retries
 (`tools.generate.with_backoff`). At most `concurrency` requests are in flight. Provenance:
-feature -1 (no target feature), prompt_version "baseline-<method>.v2".
+feature -1 (no target feature), prompt_version "baseline-<method>.v3".
 
 Layout: `base` (names, settings, the error, the completion-client and strategy
 interfaces), `rouge` (ROUGE-L without rouge-score), `methods` (random, self-instruct,

@@ -14,11 +14,11 @@ from tools.generate import SamplingSettings, clean
 Method = Literal["random", "self-instruct", "evol-instruct", "magpie"]
 METHODS: tuple[str, ...] = get_args(Method)
 NO_FEATURE = -1
-VERSION = "v2"
-PROMPT_RANDOM = "baseline_random.v1"
-PROMPT_SELF_INSTRUCT = "baseline_self_instruct.v2"
-PROMPT_EVOL_DEPTH = "baseline_evol_depth.v2"
-PROMPT_EVOL_BREADTH = "baseline_evol_breadth.v2"
+VERSION = "v3"
+PROMPT_RANDOM = "baseline_random.v2"
+PROMPT_SELF_INSTRUCT = "baseline_self_instruct.v3"
+PROMPT_EVOL_DEPTH = "baseline_evol_depth.v3"
+PROMPT_EVOL_BREADTH = "baseline_evol_breadth.v3"
 EVOL_DEPTH_OPS = ("constraints", "deepen", "concretize", "reasoning")
 EVOL_OPS = (*EVOL_DEPTH_OPS, "breadth")
 
