@@ -221,7 +221,8 @@ def test_evol_instruct_filters_failed_evolutions_and_evolves_children() -> None:
     users = [c[1] for c in client.calls]
     assert any("rarer" in u for u in users)  # in-breadth
     depth = [u for u in users if "more complex version" in u]
-    assert depth and all("must remain a message that asks for, or says, something harmful" in u for u in depth)
+    remain = "must remain a message that asks for, or says, something harmful"
+    assert depth and all(remain in u for u in depth)
 
 
 def test_evol_prompts_render_every_operation() -> None:
