@@ -3,7 +3,7 @@
 A report is held in memory and saved as `ROOT/.facsynth/coverage/<key>.json` (the state
 folder, checked by the sandbox; replaced atomically). It is reused while its fingerprint
 holds: both files (path, mtime, size) and every setting that shapes a report (model, SAE,
-activity rule, judge, tokens, spans). An unreadable cache file is measured again.
+activity rule, judge, graded rule, tokens, spans). An unreadable cache file is measured again.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class CoverageCache:
         s = self.settings
         parts: dict[str, Any] = {
             "model": s.model, "sae": s.sae, "rule": s.activity_rule().model_dump(),
-            "judge": s.judge.model_dump(), "max_tokens": s.max_tokens,
+            "judge": s.judge.model_dump(), "graded": s.graded.model_dump(),
+            "max_tokens": s.max_tokens,
             "chat_template": s.chat_template, "top_spans": s.top_spans,
             "span_window": s.span_window,
             "files": [(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths],

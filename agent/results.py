@@ -64,9 +64,12 @@ class CoverageSummary(BaseModel):
     anchor: str
     data: str
     fac: float = Field(description="task features covered by the data / task features")
+    fac_graded: float = Field(0.0, description="the same, a feature counting in proportion to "
+                              "its active data rows against the rows it needs")
     n_task: int
     n_covered: int
     n_missing: int
+    n_deficits: int = Field(0, description="task features with fewer active rows than needed")
     anchor_fac: float
     n_anchor: int
     n_data: int
@@ -81,6 +84,7 @@ class MissingFeatures(BaseModel):
     anchor: str
     data: str
     fac: float
+    fac_graded: float = 0.0
     n_missing: int
     features: list[MissingInfo]
 
@@ -158,6 +162,7 @@ class GenerationResult(BaseModel):
 class RoundInfo(BaseModel):
     round: int
     fac: float
+    fac_graded: float = 0.0
     n_missing: int
     generated: int
     kept: int
@@ -168,7 +173,8 @@ class RoundInfo(BaseModel):
 
     @classmethod
     def of(cls, rec: RoundRecord) -> RoundInfo:
-        return cls(round=rec.round, fac=rec.fac, n_missing=rec.n_missing,
+        return cls(round=rec.round, fac=rec.fac, fac_graded=rec.fac_graded,
+                   n_missing=rec.n_missing,
                    generated=rec.generated, kept=rec.kept, hit_rate=rec.hit_rate,
                    auprc=rec.metric.auprc if rec.metric else None, n_train=rec.n_train,
                    stop_reason=rec.stop_reason)

@@ -269,8 +269,10 @@ class Toolbox:
         The report is cached per anchor/data pair until either file changes."""
         report, _, _, cached, cache = self._report(anchor, data, progress)
         return CoverageSummary(
-            anchor=anchor, data=data, fac=round(report.fac, 4), n_task=report.n_task,
+            anchor=anchor, data=data, fac=round(report.fac, 4),
+            fac_graded=round(report.fac_graded, 4), n_task=report.n_task,
             n_covered=report.n_covered, n_missing=len(report.missing),
+            n_deficits=len(report.deficits),
             anchor_fac=round(report.anchor_fac, 4), n_anchor=report.n_anchor,
             n_data=report.n_data, rule=report.rule.describe(report.delta_used),
             saturated=report.saturated, cached=cached, report_path=self.sandbox.rel(cache),
@@ -283,7 +285,8 @@ class Toolbox:
         strongest anchor spans and its summary when known."""
         report, *_ = self._report(anchor, data)
         return MissingFeatures(
-            anchor=anchor, data=data, fac=round(report.fac, 4), n_missing=len(report.missing),
+            anchor=anchor, data=data, fac=round(report.fac, 4),
+            fac_graded=round(report.fac_graded, 4), n_missing=len(report.missing),
             features=self._missing_info(report, limit, spans=3),
         )
 

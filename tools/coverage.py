@@ -14,6 +14,10 @@ at least `min_support` (or `min_support_frac` of the) positive anchor rows and t
 smoothed log-odds of its activation
 rate on positives vs negatives is at least `min_log_odds`. The `llm` judge (an LLM reads
 each feature's explanation) plugs in through `RelevanceJudge` with the interpreter.
+
+Presence-only FAC saturates (a 10% seed of the anchor already covers most task features),
+so `GradedRule` also grades each task feature by how many data rows activate it relative
+to the anchor: `fac_graded` and the `deficits` the improve loop should target.
 """
 
 from __future__ import annotations
@@ -108,6 +112,50 @@ class JudgeSettings(BaseModel):
         return max(self.min_support, round(self.min_support_frac * n_positive))
 
 
+class GradedRule(BaseModel):
+    """When a task feature counts as covered *enough*, relative to the anchor.
+
+    Binary FAC only asks whether some data row activates a feature, so a small seed of
+    the anchor already scores ~0.95 and the improve loop has nothing left to aim at.
+    Graded coverage asks for a number of rows instead. For task feature f, active
+    (under the activity rule) in anchor_rows_f of the n_anchor anchor rows:
+
+        a_f         = anchor_rows_f / n_anchor            (the anchor's activation rate)
+        needed_f    = min(anchor_rows_f, max(min_rows, ceil(rate_frac * a_f * n_data)))
+        data_rows_f = data rows where f is active
+        deficit_f   = max(0, needed_f - data_rows_f)
+        fac_graded  = mean over task features of min(1, data_rows_f / needed_f)
+
+    i.e. the data's activation rate should reach `rate_frac` of the anchor's, and never
+    fewer than `min_rows` rows (one lucky row is no evidence). The cap at the anchor's own
+    count is the reference: data with as many active rows as the anchor has matched it,
+    however large the data is, so the anchor measured against itself scores 1.0.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    min_rows: int = Field(3, ge=1, description="rows a task feature needs at least")
+    rate_frac: float = Field(
+        0.5, gt=0, le=1, description="...or this fraction of the anchor's activation rate, "
+        "if more rows (both capped at the anchor's own active rows)"
+    )
+
+    def needed(self, anchor_rows: np.ndarray, n_anchor: int, n_data: int) -> np.ndarray:
+        """[n] int rows needed per feature, from its [n] anchor active-row counts."""
+        rows = np.asarray(anchor_rows, dtype=np.int64)
+        # the tolerance keeps e.g. 0.1 * 6 * 50 / 10 = 3.0000000000000004 from becoming 4
+        by_rate = np.ceil(self.rate_frac * rows * n_data / max(n_anchor, 1) - 1e-9)
+        want = np.maximum(self.min_rows, by_rate.astype(np.int64))
+        # at least 1: a judge may accept a feature the anchor never activates (not the label
+        # judge); it then needs one row rather than dividing by zero
+        return np.asarray(np.maximum(1, np.minimum(rows, want)), dtype=np.int64)
+
+    def describe(self) -> str:
+        """e.g. ">= 3 rows or 0.5 x the anchor's rate (at most its rows)"."""
+        return (f">= {self.min_rows} rows or {self.rate_frac:g} x the anchor's rate "
+                "(at most its rows)")
+
+
 class FeatureStats(BaseModel):
     feature: int
     pos_support: int
@@ -147,12 +195,19 @@ class CoverageReport(BaseModel):
     deficits: list[MissingFeature] = Field(
         default_factory=list, description="task features with deficit > 0 (the missing ones "
         "included), largest deficit first, with spans")
+    graded: GradedRule = Field(
+        default_factory=GradedRule, description="the rule fac_graded was graded by")
     saturated: bool = Field(description="FAC >= 0.99: raise the threshold or use a wider SAE")
 
 
 def active_features(active: sp.csr_matrix) -> np.ndarray:
     """[d_sae] bool: feature active in at least one row of a 0/1 activity matrix."""
-    return np.asarray(active.sum(axis=0)).ravel() > 0
+    return active_rows(active) > 0
+
+
+def active_rows(active: sp.csr_matrix) -> np.ndarray:
+    """[d_sae] int: rows of a 0/1 activity matrix where each feature is active."""
+    return np.asarray((active != 0).sum(axis=0)).ravel().astype(np.int64)
 
 
 def feature_stats(
@@ -209,40 +264,53 @@ def coverage(
     anchor_max: sp.csr_matrix,
     rule: ActivityRule,
     judge: JudgeSettings | None = None,
+    graded: GradedRule | None = None,
 ) -> tuple[CoverageReport, np.ndarray]:
     """FAC of `data` against the anchor's task features; also returns the F_task mask.
 
     Takes 0/1 activity matrices (see `activity`); `anchor_max` only feeds the report.
-    Missing features come sorted by log-odds (most task-specific first), without spans;
-    `attach_spans` fills those in.
+    Missing features come sorted by log-odds (most task-specific first), deficits by
+    deficit then log-odds (see `GradedRule`; its defaults when `graded` is None), both
+    without spans; `attach_spans` fills those in.
     """
     judge = judge or JudgeSettings()
+    graded = graded or GradedRule()
     task = make_judge(judge)(anchor_active, anchor_labels)
-    in_anchor = active_features(anchor_active)
-    in_data = active_features(data_active)
+    anchor_rows = active_rows(anchor_active)
+    data_rows = active_rows(data_active)
+    in_anchor, in_data = anchor_rows > 0, data_rows > 0
     n_task = int(task.sum())
     covered = task & in_data
-    missing_ids = np.flatnonzero(task & ~in_data)
-    labels = anchor_labels if anchor_labels is not None else [0] * anchor_active.shape[0]
+    n_anchor, n_data = anchor_active.shape[0], data_active.shape[0]
+    task_ids = np.flatnonzero(task)
+    needed = np.zeros_like(anchor_rows)
+    needed[task_ids] = graded.needed(anchor_rows[task_ids], n_anchor, n_data)
+    deficit = np.maximum(0, needed - data_rows)  # 0 off the task: needed is 0 there
+    labels = anchor_labels if anchor_labels is not None else [0] * n_anchor
     pos, neg, lo = feature_stats(anchor_active, labels, judge.smoothing)
     amax = np.asarray(anchor_max.max(axis=0).todense()).ravel()
-    missing = sorted(
-        (
-            MissingFeature(
-                feature=int(f), pos_support=int(pos[f]), neg_support=int(neg[f]),
-                log_odds=float(lo[f]), anchor_max=float(amax[f]),
-            )
-            for f in missing_ids
-        ),
-        key=lambda m: (-m.log_odds, -m.pos_support),
-    )
+
+    def entry(f: int) -> MissingFeature:
+        return MissingFeature(
+            feature=f, pos_support=int(pos[f]), neg_support=int(neg[f]),
+            log_odds=float(lo[f]), anchor_max=float(amax[f]), data_rows=int(data_rows[f]),
+            needed=int(needed[f]), deficit=int(deficit[f]),
+        )
+
+    missing = sorted((entry(int(f)) for f in np.flatnonzero(task & ~in_data)),
+                     key=lambda m: (-m.log_odds, -m.pos_support, m.feature))
+    deficits = sorted((entry(int(f)) for f in np.flatnonzero(deficit > 0)),
+                      key=lambda m: (-m.deficit, -m.log_odds, m.feature))
     fac = covered.sum() / n_task if n_task else 0.0
+    graded_fac = (np.minimum(1.0, data_rows[task_ids] / needed[task_ids]).mean()
+                  if n_task else 0.0)
     report = CoverageReport(
-        rule=rule, judge=judge.judge, n_anchor=anchor_active.shape[0],
-        n_data=data_active.shape[0], n_active_anchor=int(in_anchor.sum()), n_task=n_task,
+        rule=rule, judge=judge.judge, n_anchor=n_anchor,
+        n_data=n_data, n_active_anchor=int(in_anchor.sum()), n_task=n_task,
         n_task_in_anchor=int((task & in_anchor).sum()), n_covered=int(covered.sum()),
         fac=float(fac), anchor_fac=float((task & in_anchor).sum() / n_task) if n_task else 0.0,
-        missing=missing, saturated=bool(n_task and fac >= 0.99),
+        missing=missing, fac_graded=float(graded_fac), deficits=deficits, graded=graded,
+        saturated=bool(n_task and fac >= 0.99),
     )
     return report, task
 
@@ -269,15 +337,16 @@ def measure(
     data_acts: ProbeResult,
     rule: ActivityRule,
     judge: JudgeSettings | None = None,
+    graded: GradedRule | None = None,
 ) -> Coverage:
     """Coverage straight from probe results: thresholds from the anchor, activity of both
-    sets under `rule`, then `coverage`. Missing features come without spans."""
+    sets under `rule`, then `coverage`. Missing and deficit features come without spans."""
     anchor_max = anchor_acts.max_matrix()
     thresholds = feature_thresholds(rule, anchor_max)
     anchor_active = activity(anchor_acts, rule, thresholds)
     report, task = coverage(
         anchor_active, anchor_labels, activity(data_acts, rule, thresholds),
-        anchor_max=anchor_max, rule=rule, judge=judge,
+        anchor_max=anchor_max, rule=rule, judge=judge, graded=graded,
     )
     if thresholds.size and np.all(thresholds == thresholds[0]):
         report.delta_used = float(thresholds[0])
@@ -290,7 +359,7 @@ def attach_spans(
     report: CoverageReport,
     spans: dict[int, list[tuple[int, str, float]]],
 ) -> CoverageReport:
-    """Fill each missing feature's top anchor spans (from `probe.top_spans`)."""
-    for m in report.missing:
+    """Fill each missing and deficit feature's top anchor spans (from `probe.top_spans`)."""
+    for m in [*report.missing, *report.deficits]:
         m.spans = [Span(row=r, text=t, activation=a) for r, t, a in spans.get(m.feature, [])]
     return report

@@ -68,6 +68,7 @@ def write_report(
         "first": history.rounds[0],
         "last": history.rounds[-1],
         "stop_reason": history.stop_reason,
+        "graded": _has_graded(history.rounds),
         "images": {k: f"{paths.images.name}/{name}" for k, name in images.items()},
         "features": _feature_views(totals, summaries, kept, samples_per_feature),
         "skipped": skipped,
@@ -97,6 +98,12 @@ def _template() -> Any:
 
 def _num(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _has_graded(rounds: Sequence[RoundRecord]) -> bool:
+    """Whether the run recorded graded FAC: runs from before it have 0.0 in every round
+    (a real 0.0 everywhere would mean the data never covered anything, binary FAC 0 too)."""
+    return any(r.fac_graded > 0 for r in rounds)
 
 
 def _summaries(rounds: Sequence[RoundRecord]) -> dict[int, str]:
@@ -209,6 +216,10 @@ def _fac_figure(rounds: Sequence[RoundRecord]) -> Any:
     fig, (ax,) = _figure(6.5, 3.6)
     xs = [r.round for r in rounds]
     ax.plot(xs, [r.fac for r in rounds], "o-", color="tab:blue", label="FAC")
+    if _has_graded(rounds):
+        ax.plot(xs, [r.fac_graded for r in rounds], "^:", color="tab:green",
+                label="graded FAC")
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_ylabel("FAC", color="tab:blue")
     ax.set_ylim(0, 1.05)
     _round_axis(ax, rounds)

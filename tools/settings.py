@@ -14,7 +14,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from tools.coverage import ActivityRule, JudgeSettings
+from tools.coverage import ActivityRule, GradedRule, JudgeSettings
 
 if TYPE_CHECKING:  # tools.probe imports torch; settings must stay quick to import
     from tools.probe import ProbeSettings
@@ -22,9 +22,9 @@ if TYPE_CHECKING:  # tools.probe imports torch; settings must stay quick to impo
 
 class Settings(BaseSettings):
     """Every knob of a facsynth run in one validated object (saved with each run): the
-    model and SAE, the probe, the coverage rule and judge, and the LLM endpoint. Sources,
-    lowest first: field defaults, `facsynth.toml`, `FACSYNTH_*` env vars (nested with
-    `__`), then keyword arguments (the CLI's flags)."""
+    model and SAE, the probe, the coverage rule, judge and graded rule, and the LLM
+    endpoint. Sources, lowest first: field defaults, `facsynth.toml`, `FACSYNTH_*` env vars
+    (nested with `__`), then keyword arguments (the CLI's flags)."""
 
     model_config = SettingsConfigDict(
         env_prefix="FACSYNTH_", env_nested_delimiter="__", toml_file="facsynth.toml",
@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     top_spans: int = Field(3, ge=0, description="activating spans kept per missing feature")
     span_window: int = Field(12, ge=1, description="tokens per span, ending at the peak")
     judge: JudgeSettings = JudgeSettings()
+    # [graded] in facsynth.toml, FACSYNTH_GRADED__MIN_ROWS / __RATE_FRAC in the env
+    graded: GradedRule = GradedRule()
     llm_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (vLLM, ...)")
     llm_model: str | None = Field(None, description="model name at that endpoint")
     llm_api_key: SecretStr | None = Field(None, description="env FACSYNTH_LLM_API_KEY")

@@ -73,7 +73,7 @@ class Workspace:
         self, anchor: TextDataset, data: TextDataset, progress: Progress | None = None
     ) -> Coverage:
         """The data's FAC against the anchor, with the task mask, thresholds and anchor
-        activity, and the top anchor spans of each missing feature. Computed once per
+        activity, and the top anchor spans of each missing and deficit feature. Computed once per
         (anchor texts and labels, data texts, settings) and remembered: the result is
         shared, so copy the report before changing it. `progress` only sees a probe that
         actually runs."""
@@ -85,10 +85,14 @@ class Workspace:
         s = self.settings
         anchor_acts = self.probe(anchor, progress)
         data_acts = self.probe(data, progress)
-        result = measure(anchor_acts, anchor.labels, data_acts, s.activity_rule(), s.judge)
+        result = measure(anchor_acts, anchor.labels, data_acts, s.activity_rule(), s.judge,
+                         s.graded)
+        report = result.report
+        # one pass over the anchor for both lists; a missing feature is also a deficit one
+        wanted = dict.fromkeys(m.feature for m in [*report.missing, *report.deficits])
         spans = top_spans(
             anchor_acts, anchor.texts, self.model.tokenizer, s.probe_settings(),
-            [m.feature for m in result.report.missing], s.top_spans, s.span_window,
+            list(wanted), s.top_spans, s.span_window,
         )
         result = replace(result, report=attach_spans(result.report, spans))
         with self._measured_lock:

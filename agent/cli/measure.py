@@ -55,10 +55,18 @@ def coverage(
         int | None, typer.Option(help="label judge: positive rows (default: 2, or 3.6%)")
     ] = None,
     min_log_odds: Annotated[float | None, typer.Option(help="label judge: log-odds")] = None,
-    top: Annotated[int, typer.Option(min=1, help="missing features to show")] = 10,
+    min_rows: Annotated[
+        int | None, typer.Option(help="graded FAC: data rows a task feature needs (default 3)")
+    ] = None,
+    rate_frac: Annotated[
+        float | None,
+        typer.Option(help="graded FAC: ...or this fraction of the anchor's rate (default 0.5)"),
+    ] = None,
+    top: Annotated[int, typer.Option(min=1, help="missing and deficit features to show")] = 10,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
 ) -> None:
-    """Measure FAC of DATA against the task features of ANCHOR and list what is missing."""
+    """Measure FAC of DATA against the task features of ANCHOR and list what is missing;
+    graded FAC beside it counts a feature only when enough rows activate it."""
     from tools.data import load_texts
     from tools.workspace import Workspace
 
@@ -69,9 +77,11 @@ def coverage(
         judge: dict[str, Any] = {"min_support": min_support, "min_log_odds": min_log_odds}
         if min_support is not None:
             judge["min_support_frac"] = 0.0  # an explicit support is taken as given
+        graded = {"min_rows": min_rows, "rate_frac": rate_frac}
         settings = settings_from(model=model, sae=sae, delta=delta, threshold=threshold,
                              quantile=quantile, pooling=pooling, min_tokens=min_tokens,
-                             judge={k: v for k, v in judge.items() if v is not None} or None)
+                             judge={k: v for k, v in judge.items() if v is not None} or None,
+                             graded={k: v for k, v in graded.items() if v is not None} or None)
         a = load_texts(anchor, text_field=text_field, label_field=label_field,
                        require_labels=True)
         d = load_texts(data, text_field=text_field, label_field=label_field)
@@ -90,6 +100,11 @@ def _print_coverage(report: Any, top: int) -> None:
         f"covered; active = {report.rule.describe(report.delta_used)}; judge = {report.judge})"
     )
     out.print(
+        f"[bold]graded FAC = {report.fac_graded:.3f}[/]  ({len(report.deficits)} task "
+        f"features short of {report.graded.describe()}; "
+        f"{sum(m.deficit for m in report.deficits)} rows short in all)"
+    )
+    out.print(
         f"anchor: {report.n_anchor} rows, {report.n_active_anchor} active features, "
         f"covers {report.n_task_in_anchor}/{report.n_task} task features "
         f"(FAC {report.anchor_fac:.3f});  data: {report.n_data} rows, "
@@ -100,15 +115,34 @@ def _print_coverage(report: Any, top: int) -> None:
             "[yellow]warning: FAC is saturated (>= 0.99): raise the threshold (--delta or "
             "--quantile) or use a wider SAE"
         )
-    if not report.missing:
+    _print_missing(report.missing, top)
+    _print_deficits(report.deficits, top)
+
+
+def _print_missing(missing: list[Any], top: int) -> None:
+    if not missing:
         return
-    table = Table(title=f"top {min(top, len(report.missing))} missing features")
+    table = Table(title=f"top {min(top, len(missing))} missing features")
     for col in ("feature", "pos", "neg", "log-odds", "anchor max", "top anchor span"):
         table.add_column(col, overflow="fold")
-    for m in report.missing[:top]:
+    for m in missing[:top]:
         span = m.spans[0].text.strip() if m.spans else ""
         table.add_row(str(m.feature), str(m.pos_support), str(m.neg_support),
                       f"{m.log_odds:.2f}", f"{m.anchor_max:.2f}", span)
+    out.print(table)
+
+
+def _print_deficits(deficits: list[Any], top: int) -> None:
+    """The largest deficits: what the improve loop targets first."""
+    if not deficits:
+        return
+    table = Table(title=f"top {min(top, len(deficits))} deficits (rows short of graded coverage)")
+    for col in ("feature", "data rows", "needed", "deficit", "log-odds", "top anchor span"):
+        table.add_column(col, overflow="fold")
+    for m in deficits[:top]:
+        span = m.spans[0].text.strip() if m.spans else ""
+        table.add_row(str(m.feature), str(m.data_rows), str(m.needed), str(m.deficit),
+                      f"{m.log_odds:.2f}", span)
     out.print(table)
 
 

@@ -13,7 +13,7 @@ from memory.feature_memory import InMemoryFeatureMemory
 from tests.fakes import TOY_ANCHOR as ANCHOR
 from tests.fakes import bag_of_words, mean_residual, tiny_model, tiny_sae
 from tools import focus, workspace
-from tools.coverage import JudgeSettings
+from tools.coverage import GradedRule, JudgeSettings
 from tools.data import TextDataset
 from tools.settings import Settings
 from tools.synthesis import verify_samples
@@ -76,6 +76,39 @@ def test_measure_carries_task_thresholds_activity_and_spans(ws: Workspace) -> No
     assert cov.anchor_active.shape == (len(TEXTS), ws.sae.d_sae)
     with pytest.raises(ValueError):
         cov.task[0] = not cov.task[0]  # shared: read-only
+
+
+def test_deficit_features_get_spans_from_the_same_top_spans_call(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[list[int]] = []
+    real = workspace.top_spans
+
+    def recording(*args: Any) -> Any:
+        asked.append(list(args[4]))
+        return real(*args)
+
+    monkeypatch.setattr(workspace, "top_spans", recording)
+    report = ws.measure(anchor(), seed()).report
+    missing = {m.feature for m in report.missing}
+    assert report.deficits and missing < {m.feature for m in report.deficits}
+    assert len(asked) == 1 and sorted(asked[0]) == sorted({m.feature for m in report.deficits})
+    assert all(m.spans for m in report.deficits)
+    assert 0 < report.fac_graded < report.fac
+    ws.settings.graded.min_rows = 1
+    assert ws.measure(anchor(), seed()).report.fac_graded > report.fac_graded, (
+        "the graded rule is part of the key")
+
+
+def test_settings_read_graded_from_toml_and_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "facsynth.toml").write_text("[graded]\nmin_rows = 5\nrate_frac = 0.75\n")
+    assert Settings().graded == GradedRule(min_rows=5, rate_frac=0.75)
+    monkeypatch.setenv("FACSYNTH_GRADED__RATE_FRAC", "0.25")
+    assert Settings().graded == GradedRule(min_rows=5, rate_frac=0.25)
+    assert Settings(graded=GradedRule(min_rows=2)).graded.min_rows == 2
 
 
 def test_measure_is_computed_once_per_content(ws: Workspace, measured: list[int]) -> None:
