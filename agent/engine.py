@@ -5,25 +5,51 @@ tools/; this class only binds the run's anchor, eval set, LLM and detector setti
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from tools.coverage import CoverageReport, MissingFeature
-from tools.data import TextDataset
-from tools.detector import DetectorSettings, Metrics, evaluate, fit_detector, load_detector
+from tools.data import TextDataset, load_texts
+from tools.detector import (
+    DetectorSettings,
+    Metrics,
+    evaluate,
+    fit_detector,
+    load_detector,
+    score,
+    train_probe_detector,
+)
 from tools.focus import error_features
-from tools.generate import AsyncChatClient, GenerateSettings, Target, agenerate
+from tools.generate import AsyncChatClient, GenerateSettings, Target, agenerate, plan_requests
 from tools.interpret import ChatClient
-from tools.label_gate import consistent
+from tools.label_gate import (
+    LabelCheck,
+    LabelGateSettings,
+    agreement_rows,
+    balanced_agreement,
+    consistent,
+    llm_labels,
+    plan,
+    rank_average,
+)
 from tools.models import resolve_model_source
 from tools.probe import Progress
 from tools.relevance import Relevance
-from tools.synthesis import Interpreted, interpret_missing, verify_samples
+from tools.synthesis import (
+    HOST_MAX_CHARS,
+    Interpreted,
+    assign_hosts,
+    interpret_missing,
+    verify_samples,
+)
 from tools.verify import Sample, VerifyReport
 from tools.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 ProgressFor = Callable[[str, int], Progress | None]
 """(what, total) -> a progress callback, or None for silence."""
@@ -51,6 +77,8 @@ class Engine:
         self.relevance = relevance
         self.seed = seed
         self.progress = progress or (lambda what, total: None)
+        self._llm_agreement: float | None = None  # the LLM label judge's, measured once
+        self._reference: tuple[str, Any] | None = None  # (path, probe fit on it)
 
     def probe(self, texts: Sequence[str]) -> None:
         todo = [self.anchor.texts, list(texts)]
@@ -75,36 +103,100 @@ class Engine:
 
     def generate(self, targets: Sequence[Target], settings: GenerateSettings, skip: set[int],
                  on_sample: Callable[[Sample], None]) -> list[Sample]:
-        bar = self.progress("generating", len(targets) * settings.per_feature - len(skip))
+        """The targets' samples; with `settings.hosts`, each request rewrites a real anchor
+        row of its label (short enough for a reply of max_new_tokens, ~4 characters each)."""
+        requests = plan_requests(targets, settings)
+        hosts = None
+        if settings.hosts:
+            max_chars = min(HOST_MAX_CHARS, 4 * self.ws.settings.max_new_tokens)
+            hosts = assign_hosts(requests, self.anchor.texts, self.anchor.labels,
+                                 settings.seed, max_chars)
+        bar = self.progress("generating", sum(q.seed not in skip for q in requests))
 
         def seen(sample: Sample) -> None:
             on_sample(sample)
             if bar:
                 bar(1)
 
-        return asyncio.run(agenerate(targets, self.llm, settings, skip=skip, on_sample=seen))
+        return asyncio.run(agenerate(targets, self.llm, settings, skip=skip, on_sample=seen,
+                                     hosts=hosts))
 
     def verify(self, samples: Sequence[Sample], existing: Sequence[str]) -> VerifyReport:
         return verify_samples(self.ws, self.anchor, _texts(existing, "data"), samples)
 
-    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path) -> None:
+    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path, *,
+              synthetic: Sequence[bool] | None = None,
+              synthetic_share: float | None = None) -> None:
         fit_detector(
             self.detector, list(texts), labels, features=self._features(texts),
             model_folder=self._model_folder() if self.detector.kind == "lora" else None,
             seed=self.seed, out_dir=model_dir, device=self.ws.settings.device,
+            synthetic=synthetic, synthetic_share=synthetic_share,
         )
 
-    def label_check(self, samples: Sequence[Sample], model_dir: Path,
-                    quantile: float) -> list[bool]:
-        """Per sample: does the detector in `model_dir` score it like real anchor rows of
-        the label it claims (tools/label_gate.py)?"""
-        det = load_detector(model_dir, model_folder=self._model_folder())
+    def label_check(self, samples: Sequence[Sample], model_dir: Path | None,
+                    gate: LabelGateSettings) -> LabelCheck:
+        """Per sample: does the label it claims hold for the judges `gate` names (the
+        detector in `model_dir`, None when there is none; the LLM when it measures up; see
+        tools/label_gate.py)?"""
         texts = [s.text for s in samples]
-        scores = det.score(texts, features=self._features(texts))
-        real = det.score(self.anchor.texts, features=self._features(self.anchor.texts))
-        ok = consistent(scores, [1 if s.label is None else s.label for s in samples], real,
-                        self.anchor.labels or [], quantile)
-        return [bool(x) for x in ok]
+        claimed = np.array([1 if s.label is None else s.label for s in samples])
+        agreement = self._judge_agreement(gate) if gate.judge in ("llm", "both") else None
+        judged_by = plan(gate.judge, agreement, gate.min_agreement, model_dir is not None)
+        if agreement is not None and agreement < gate.min_agreement:
+            log.warning("the LLM label judge agrees with real anchor labels at %.2f balanced "
+                        "accuracy (< min_agreement %.2f): %s", agreement, gate.min_agreement,
+                        "the detector judges instead" if judged_by != "none"
+                        else "and there is no detector, so labels go unchecked")
+        elif judged_by == "none" and gate.judge != "off":
+            log.warning("no detector (unlabelled data), so the label gate cannot check the "
+                        "kept samples' labels")
+        ok = np.ones(len(samples), dtype=bool)
+        if judged_by in ("llm", "both"):
+            ok &= np.array([said == c for said, c in
+                            zip(llm_labels(texts, self.llm), claimed, strict=True)], dtype=bool)
+        if judged_by in ("detector", "both"):
+            assert model_dir is not None
+            ok &= self._detector_consistent(texts, claimed, model_dir, gate)
+        return LabelCheck(ok=ok.tolist(), judged_by=judged_by, llm_agreement=agreement)
+
+    def _detector_consistent(self, texts: Sequence[str], claimed: np.ndarray, model_dir: Path,
+                             gate: LabelGateSettings) -> np.ndarray:
+        """The detector judge: scores like real anchor rows of the claimed label, the
+        current detector rank-averaged with the reference probe when there is one."""
+        det = load_detector(model_dir, model_folder=self._model_folder())
+        x, x_real = self._features(texts), self._features(self.anchor.texts)
+        scores, real = det.score(texts, features=x), det.score(self.anchor.texts, features=x_real)
+        if gate.reference is not None:
+            ref = self._reference_probe(gate.reference)
+            if x is None or x_real is None:  # a lora detector: the probe's features anyway
+                x = self.ws.probe(_texts(texts, "detector")).pooled()
+                x_real = self.ws.probe(_texts(self.anchor.texts, "detector")).pooled()
+            scores, real = rank_average([(scores, real), (score(ref, x), score(ref, x_real))])
+        return consistent(scores, claimed, real, self.anchor.labels or [], gate.quantile)
+
+    def _reference_probe(self, path: str) -> Any:
+        """A probe detector fit on the labelled rows in `path` (once per engine)."""
+        if self._reference is None or self._reference[0] != path:
+            rows = load_texts(path, require_labels=True)
+            assert rows.labels is not None
+            x = self.ws.probe(_texts(rows.texts, "reference")).pooled()
+            self._reference = (path, train_probe_detector(x, rows.labels, c=self.detector.c,
+                                                          seed=self.seed))
+            log.info("label gate reference: a probe on %d rows of %s", len(rows.texts), path)
+        return self._reference[1]
+
+    def _judge_agreement(self, gate: LabelGateSettings) -> float:
+        """The LLM label judge's balanced accuracy on a fixed stratified sample of real
+        anchor rows (once per engine)."""
+        if self._llm_agreement is None:
+            labels = self.anchor.labels or []
+            rows = agreement_rows(labels, gate.agreement_rows, seed=0)
+            said = llm_labels([self.anchor.texts[i] for i in rows], self.llm)
+            self._llm_agreement = balanced_agreement(said, [labels[i] for i in rows])
+            log.info("LLM label judge: balanced accuracy %.3f on %d real anchor rows",
+                     self._llm_agreement, len(rows))
+        return self._llm_agreement
 
     def evaluate(self, model_dir: Path) -> Metrics | None:
         if self.eval_set is None or not model_dir.exists():

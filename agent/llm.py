@@ -13,7 +13,10 @@ Every client has `name`, `chat(system, user)`, `async achat(system, user, *, tem
 seed)`, `async acomplete(prompt, *, temperature, seed, max_tokens)` and
 `with_json_schema(schema)` (a client whose `chat` replies follow the schema where the
 backend can enforce it; otherwise the same client, and callers validate and retry).
-`LazyLLM` is such a client that opens the real one on first use. The `*_SECONDS` constants
+A client that can steer replies towards an SAE feature while sampling (`local`: it holds the
+workspace's SAE) has `can_steer = True` and takes `achat(..., steer=(feature, alpha))`;
+the others have `can_steer = False`. `LazyLLM` is such a client that opens the real one on
+first use. The `*_SECONDS` constants
 are rough per-backend timings for the estimates the long tools show before they run.
 """
 
@@ -70,8 +73,17 @@ class LazyLLM:
     def chat(self, system: str, user: str) -> str:
         return str(self._opener().chat(system, user))
 
-    async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
-        return str(await self._opener().achat(system, user, temperature=temperature, seed=seed))
+    @property
+    def can_steer(self) -> bool:
+        return bool(getattr(self._opener(), "can_steer", False))
+
+    async def achat(self, system: str, user: str, *, temperature: float, seed: int,
+                    steer: tuple[int, float] | None = None) -> str:
+        client = self._opener()
+        if steer is None:  # clients that cannot steer take no `steer` at all
+            return str(await client.achat(system, user, temperature=temperature, seed=seed))
+        return str(await client.achat(system, user, temperature=temperature, seed=seed,
+                                      steer=steer))
 
     async def acomplete(self, prompt: str, *, temperature: float, seed: int,
                         max_tokens: int | None = None) -> str:
@@ -102,6 +114,9 @@ def _transient_errors() -> Iterator[None]:
 class LangChainClient:
     """`tools` chat clients (sync `chat`, async `achat`, async `acomplete`) over any langchain
     chat model, plus an optional langchain completion LLM for `acomplete`."""
+
+    can_steer = False
+    """an HTTP server cannot add SAE directions to its residual stream"""
 
     def __init__(
         self,
@@ -301,4 +316,6 @@ def open_llm(
         from tools.workspace import Workspace
 
         ws = workspace or Workspace(settings)
-        yield LocalChat(ws.model, max_new_tokens=settings.max_new_tokens)
+        # the SAE loads only when a request is steered (the loop's --steer)
+        yield LocalChat(ws.model, max_new_tokens=settings.max_new_tokens,
+                        sae=lambda: ws.sae)

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from tools.rundir import RoundRecord
     from tools.workspace import Workspace
 
-FLAGS = {"max_rounds": "rounds", "kind": "detector", "judge": "label_gate"}
+FLAGS = {"max_rounds": "rounds", "kind": "detector", "judge": "label_gate",
+         "reference": "label_reference"}
 """Option fields whose command-line flag has another name."""
 
 Before = Callable[[str, int], None]

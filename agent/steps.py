@@ -21,7 +21,8 @@ from agent.graph import LoopState, decide
 from tools.coverage import CoverageReport, MissingFeature
 from tools.data import TextDataset, write_text_atomic
 from tools.detector import Metrics
-from tools.generate import GenerateSettings, Target, job_seed
+from tools.generate import GenerateSettings, Target, plan_requests
+from tools.label_gate import Judged, LabelCheck, LabelGateSettings
 from tools.rundir import (
     History,
     LoopSettings,
@@ -32,7 +33,7 @@ from tools.rundir import (
     read_samples,
     write_rows,
 )
-from tools.synthesis import Interpreted
+from tools.synthesis import Interpreted, round_targets
 from tools.verify import FeatureHits, Sample, VerifyReport
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,11 @@ class LoopEngine(Protocol):
     def generate(self, targets: Sequence[Target], settings: GenerateSettings,
                  skip: set[int], on_sample: Callable[[Sample], None]) -> list[Sample]: ...
     def verify(self, samples: Sequence[Sample], existing: Sequence[str]) -> VerifyReport: ...
-    def label_check(self, samples: Sequence[Sample], model_dir: Path,
-                    quantile: float) -> list[bool]: ...
-    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path) -> None: ...
+    def label_check(self, samples: Sequence[Sample], model_dir: Path | None,
+                    gate: LabelGateSettings) -> LabelCheck: ...
+    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path, *,
+              synthetic: Sequence[bool] | None = None,
+              synthetic_share: float | None = None) -> None: ...
     def evaluate(self, model_dir: Path) -> Metrics | None: ...
 
 
@@ -62,6 +65,17 @@ class VerifySummary(BaseModel):
     disputed: int = Field(0, description="rejected by the label gate (label_disputed)")
     hit_rate: float
     per_feature: dict[int, FeatureHits]
+    label_judge: Judged | None = Field(
+        None, description="the judges that checked labels (None: the gate was off or had "
+        "nothing to check)")
+    llm_agreement: float | None = Field(
+        None, description="the LLM label judge's balanced accuracy on real anchor rows")
+
+    @property
+    def gate_pass_rate(self) -> float:
+        """Of the samples that reached the label gate, the share it kept."""
+        checked = self.kept + self.disputed
+        return self.kept / checked if checked else 0.0
 
 
 Hook = Callable[[str, int], None]
@@ -118,38 +132,51 @@ class Steps:
         r = state["round"]
         self.before("interpret", r)
         report = CoverageReport.model_validate_json(self.paths.work(r, "coverage").read_text())
+        # graded coverage: features short of rows, largest deficit first (the missing ones
+        # included); a report without it (older coverage): the binary missing list
+        chosen = report.deficits or report.missing
         if self.loop.focus != "data":
             texts, labels = self.rows(r - 1)
             if labels is None:
                 raise ValueError("model-centric focus needs labelled data")
-            chosen = self.engine.error_features(
+            errors = self.engine.error_features(
                 texts, labels, self.paths.model(r - 1), self.loop.top)
             if self.loop.focus == "both":
-                seen = {m.feature for m in chosen}
-                chosen += [m for m in report.missing if m.feature not in seen]
-            report = report.model_copy(update={"missing": chosen})
-        found = self.engine.interpret(report, self.loop.top)
+                seen = {m.feature for m in errors}
+                errors += [m for m in chosen if m.feature not in seen]
+            chosen = errors
+        found = self.engine.interpret(report.model_copy(update={"missing": chosen}),
+                                      self.loop.top)
         write_text_atomic(self.paths.work(r, "features"), found.model_dump_json(indent=1))
         room = max(0, self.loop.budget - state.get("generated_total", 0))
         if self.loop.per_round is not None:
             room = min(room, self.loop.per_round)
+        # per_feature is the round's mean per feature (fill: all of the room), spread by
+        # deficit with at least 1 and at most max_per_feature (never below per_feature) each
+        n = len(found.targets)
         per = self.loop.per_feature
-        if self.loop.fill and found.targets:
-            per = max(per, room // len(found.targets))
-        targets = found.targets[: room // per]
+        if self.loop.fill and n:
+            per = max(per, room // n)
+        total = room if self.loop.fill else min(room, per * n)
+        targets = round_targets(
+            found, {m.feature: m.deficit for m in chosen}, total,
+            cap=max(self.loop.max_per_feature, self.loop.per_feature),
+            negatives=self.loop.negatives)
         return {"targets": [t.model_dump() for t in targets], "per_feature": per}
 
     def _gen_settings(self, state: LoopState) -> GenerateSettings:
         r = state["round"]
         return GenerateSettings(per_feature=state.get("per_feature", self.loop.per_feature),
                                 round=r, temperature=self.loop.temperature,
-                                seed=self.loop.seed * 1000 + r)
+                                seed=self.loop.seed * 1000 + r, hosts=self.loop.hosts,
+                                steer=self.loop.steer)
 
     def _jobs(self, state: LoopState) -> tuple[list[Target], list[int]]:
-        gs = self._gen_settings(state)
+        """The round's targets and its request seeds, in order: the one list generate
+        journals against and verify reads back (targets without their own `n`, from runs
+        before it, get the state's per_feature)."""
         targets = [Target.model_validate(t) for t in state.get("targets", [])]
-        return targets, [job_seed(gs, t.feature, k) for t in targets
-                         for k in range(gs.per_feature)]
+        return targets, [q.seed for q in plan_requests(targets, self._gen_settings(state))]
 
     def generate(self, state: LoopState) -> dict[str, Any]:
         r = state["round"]
@@ -181,18 +208,18 @@ class Steps:
         samples = [by_seed[s] for s in seeds]
         report = self.engine.verify(samples, self.rows(r - 1)[0])
         gate, detector = self.loop.label_gate, self.paths.model(r - 1)
-        if gate.judge == "detector" and report.kept:
-            if detector.exists():
-                report = report.gated(self.engine.label_check(
-                    [v.sample for v in report.kept], detector, gate.quantile))
-            else:
-                log.warning("round %d: no detector (unlabelled data), so the label gate "
-                            "cannot check the kept samples' labels", r)
+        check = None
+        if gate.judge != "off" and report.kept:
+            check = self.engine.label_check([v.sample for v in report.kept],
+                                            detector if detector.exists() else None, gate)
+            report = report.gated(check.ok)
         write_rows(self.paths.data(r), self.paths.rejected(r), report.kept, report.rejected)
         disputed = sum(v.reason == "label_disputed" for v in report.rejected)
         summary = VerifySummary(generated=len(samples), kept=len(report.kept),
                                 rejected=len(report.rejected), disputed=disputed,
-                                hit_rate=report.hit_rate, per_feature=report.per_feature)
+                                hit_rate=report.hit_rate, per_feature=report.per_feature,
+                                label_judge=check.judged_by if check else None,
+                                llm_agreement=check.llm_agreement if check else None)
         write_text_atomic(self.paths.work(r, "verify"), summary.model_dump_json(indent=1))
         return {}
 
@@ -203,7 +230,10 @@ class Steps:
         if labels is None:
             log.warning("the data has no labels: no detector is trained, metric stays empty")
             return {}
-        self.engine.train(texts, labels, self.paths.model(r))
+        # the starting data is real; every row after it is a kept synthetic sample
+        synthetic = [i >= len(self.data.texts) for i in range(len(texts))]
+        self.engine.train(texts, labels, self.paths.model(r), synthetic=synthetic,
+                          synthetic_share=self.loop.synthetic_share)
         return {}
 
     def evaluate(self, state: LoopState) -> dict[str, Any]:
@@ -217,7 +247,8 @@ class Steps:
                     if r > 0 else None)
         history = History.load_or_new(self.dir)
         history.record(RoundRecord(
-            round=r, fac=report.fac, n_task=report.n_task, n_missing=len(report.missing),
+            round=r, fac=report.fac, fac_graded=report.fac_graded, n_task=report.n_task,
+            n_missing=len(report.missing),
             missing=[MissingSummary(feature=m.feature, summary=summaries.get(m.feature, ""),
                                     log_odds=m.log_odds) for m in report.missing],
             generated=verified.generated if verified else 0,

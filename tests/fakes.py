@@ -22,7 +22,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from memory.feature_memory import FeatureRecord
 from tools.coverage import ActivityRule, CoverageReport, MissingFeature
 from tools.detector import Metrics
-from tools.generate import GenerateSettings, Target, job_seed
+from tools.generate import GenerateSettings, Target, plan_requests
+from tools.label_gate import LabelCheck, LabelGateSettings
 from tools.models import LoadedModel
 from tools.rundir import History
 from tools.sae import LoadedSAE, resolve_hook
@@ -172,6 +173,24 @@ def bag_of_words(texts: Sequence[str]) -> np.ndarray:
     return out
 
 
+class BagOfWordsWorkspace:
+    """Enough of tools.workspace.Workspace for the engine's detector and label gate: a
+    text's pooled features are its `bag_of_words`; `probed` lists each probe call's texts."""
+
+    def __init__(self, home: Path) -> None:
+        from types import SimpleNamespace
+
+        self.settings = SimpleNamespace(model="fake/bag-of-words", home=home, device="cpu")
+        self.probed: list[list[str]] = []
+
+    def probe(self, data: Any, progress: Any = None) -> Any:
+        from types import SimpleNamespace
+
+        texts = list(data.texts)
+        self.probed.append(texts)
+        return SimpleNamespace(pooled=lambda: bag_of_words(texts))
+
+
 # -- tiny random-weight parts ---------------------------------------------------------------
 
 D_MODEL = 32
@@ -265,20 +284,27 @@ class Crash(Exception):
 
 class FakeEngine:
     """The loop's engine on plain text: a text covers feature f if it holds "<f>"; the label
-    gate disputes the samples `dispute` picks (none by default)."""
+    gate disputes the samples `dispute` picks (none by default). With `deficits` (feature ->
+    rows short), coverage also reports graded deficits for the features still missing,
+    largest first. `generated` records what each generate call got."""
 
     def __init__(self, crash_after_samples: int | None = None, delay: float = 0.0,
-                 dispute: Callable[[Sample], bool] | None = None) -> None:
+                 dispute: Callable[[Sample], bool] | None = None,
+                 deficits: dict[int, int] | None = None) -> None:
+        self.deficits = deficits or {}
+        self.generated: list[tuple[list[Target], GenerateSettings]] = []
         self.interpreted: Counter[int] = Counter()
         self.crash_after = crash_after_samples
         self.delay = delay
         self.dispute = dispute or (lambda s: False)
-        self.checked: list[Path] = []
+        self.checked: list[Path | None] = []
+        self.trained: list[tuple[list[bool] | None, float | None]] = []
+        """(synthetic mask, synthetic share) of each train call."""
 
-    def label_check(self, samples: Sequence[Sample], model_dir: Path,
-                    quantile: float) -> list[bool]:
+    def label_check(self, samples: Sequence[Sample], model_dir: Path | None,
+                    gate: LabelGateSettings) -> LabelCheck:
         self.checked.append(model_dir)
-        return [not self.dispute(s) for s in samples]
+        return LabelCheck(ok=[not self.dispute(s) for s in samples], judged_by="detector")
 
     def probe(self, texts: Sequence[str]) -> None:
         pass
@@ -288,10 +314,16 @@ class FakeEngine:
         missing = [MissingFeature(feature=f, pos_support=3, neg_support=0, log_odds=9 - f,
                                   anchor_max=5.0) for f in TASK if f not in have]
         covered = len(TASK) - len(missing)
+        deficits = sorted(
+            (m.model_copy(update={"deficit": self.deficits[m.feature],
+                                  "needed": self.deficits[m.feature]})
+             for m in missing if self.deficits.get(m.feature, 0) > 0),
+            key=lambda m: -m.deficit)
         return CoverageReport(
             rule=ActivityRule(), judge="label", n_anchor=10, n_data=len(texts),
             n_active_anchor=20, n_task=len(TASK), n_task_in_anchor=len(TASK), n_covered=covered,
-            fac=covered / len(TASK), anchor_fac=1.0, missing=missing, saturated=False)
+            fac=covered / len(TASK), anchor_fac=1.0, missing=missing, deficits=deficits,
+            saturated=False)
 
     def error_features(self, texts, labels, model_dir, limit):  # type: ignore[no-untyped-def]
         return []
@@ -306,22 +338,22 @@ class FakeEngine:
 
     def generate(self, targets: Sequence[Target], settings: GenerateSettings, skip: set[int],
                  on_sample: Callable[[Sample], None]) -> list[Sample]:
-        out = []
-        for t in targets:
-            for k in range(settings.per_feature):
-                seed = job_seed(settings, t.feature, k)
-                if seed in skip:
-                    continue
-                if self.crash_after is not None and len(out) == self.crash_after:
-                    self.crash_after = None
-                    raise Crash("killed mid-generation")
-                hit = (seed + t.feature) % 3 != 0
-                text = f"about <{t.feature}> #{seed}" if hit else f"off-topic #{seed}"
-                s = Sample.model_validate({"text": text, "label": 1, "provenance": {
-                    "feature": t.feature, "round": settings.round, "seed": seed}})
-                time.sleep(self.delay)
-                on_sample(s)
-                out.append(s)
+        self.generated.append((list(targets), settings))
+        out: list[Sample] = []
+        for req in plan_requests(targets, settings):
+            t, seed = req.target, req.seed
+            if seed in skip:
+                continue
+            if self.crash_after is not None and len(out) == self.crash_after:
+                self.crash_after = None
+                raise Crash("killed mid-generation")
+            hit = (seed + t.feature) % 3 != 0
+            text = f"about <{t.feature}> #{seed}" if hit else f"off-topic #{seed}"
+            s = Sample.model_validate({"text": text, "label": t.label, "provenance": {
+                "feature": t.feature, "round": settings.round, "seed": seed}})
+            time.sleep(self.delay)
+            on_sample(s)
+            out.append(s)
         return out
 
     def verify(self, samples: Sequence[Sample], existing: Sequence[str]) -> VerifyReport:
@@ -337,7 +369,10 @@ class FakeEngine:
                 Verdict(sample=s, reason="kept" if on else "target_inactive", activation=1.0))
         return VerifyReport(kept=kept, rejected=rejected, per_feature=hits)
 
-    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path) -> None:
+    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path, *,
+              synthetic: Sequence[bool] | None = None,
+              synthetic_share: float | None = None) -> None:
+        self.trained.append((None if synthetic is None else list(synthetic), synthetic_share))
         model_dir.mkdir(parents=True, exist_ok=True)
         (model_dir / "n.json").write_text(json.dumps(len(texts)))
 

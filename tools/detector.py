@@ -13,6 +13,11 @@ cross-entropy, AdamW with linear decay. It reads texts; features are not used.
     metrics = evaluate(det.score(test_texts, features=x_test), test_y)
     det = load_detector(run / "detector")
 
+Synthetic rows: both kinds are class-balanced (each label weighs the same in total). With a
+`synthetic` mask and a `synthetic_share` s, the synthetic rows of each label share s of that
+label's weight and its real rows 1 - s (`row_weights`); without a share every row of a label
+weighs the same, synthetic or not.
+
 Heavy libraries (sklearn, torch, transformers, peft) are imported lazily so settings
 objects can import `DetectorSettings` cheaply.
 """
@@ -132,23 +137,71 @@ def _check_labels(y: Sequence[int] | np.ndarray, n: int | None = None) -> np.nda
     return labels.astype(np.int64)
 
 
+def row_weights(
+    labels: Sequence[int] | np.ndarray,
+    synthetic: Sequence[bool] | np.ndarray | None = None,
+    share: float | None = None,
+) -> np.ndarray:
+    """[n] training weight of each row. Without a share: sklearn's "balanced",
+    n / (2 * n_label) per row (each label's rows sum to n / 2).
+
+    With a share s in [0, 1): the weights sum to the number of real rows and each label's
+    rows to half of that; within a label, its synthetic rows together get s of the label's
+    weight and its real rows 1 - s (a label without synthetic rows, or without real ones,
+    gives all of it to the rows it has). So synthetic rows never add weight or weaken the
+    regularisation, and s = 0 is training on the real rows alone."""
+    y = np.asarray(labels)
+    n = len(y)
+    counts = np.bincount(y, minlength=2)
+    if share is None:
+        return np.asarray(n / (2.0 * counts[y]), dtype=np.float64)
+    if not 0 <= share < 1:
+        raise ConfigError(f"synthetic_share must be in [0, 1), got {share}")
+    fake = np.zeros(n, dtype=bool) if synthetic is None else np.asarray(synthetic, dtype=bool)
+    if len(fake) != n:
+        raise DataError(f"{len(fake)} synthetic flags for {n} training rows")
+    total = float((~fake).sum()) or float(n)  # all synthetic: nothing to borrow from
+    out = np.zeros(n, dtype=np.float64)
+    for label in (0, 1):
+        mine = y == label
+        if not mine.any():
+            continue
+        real, synth = mine & ~fake, mine & fake
+        parts = [(real, 1 - share), (synth, share)] if real.any() and synth.any() else [(mine, 1)]
+        for rows, part in parts:
+            out[rows] = total / 2 * part / rows.sum()
+    return out
+
+
 # --- probe: logistic regression on frozen features -------------------------------------
 
 
 def train_probe_detector(
-    x: np.ndarray, y: Sequence[int] | np.ndarray, *, c: float = 0.1, seed: int = 0
+    x: np.ndarray, y: Sequence[int] | np.ndarray, *, c: float = 0.1, seed: int = 0,
+    sample_weight: np.ndarray | None = None,
 ) -> Pipeline:
-    """Fit standardise + balanced logistic regression on [n, d] features."""
+    """Fit standardise + balanced logistic regression on [n, d] features; `sample_weight`
+    ([n], e.g. `row_weights`) replaces the class balancing. The scaler still weighs rows
+    equally but leaves out rows of weight 0, so such a row changes nothing."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     labels = _check_labels(y, len(x))
+    if sample_weight is None:
+        model = make_pipeline(
+            StandardScaler(),
+            LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed),
+        )
+        model.fit(x, labels)
+        return model
+    w = np.asarray(sample_weight, dtype=np.float64)
+    if len(w) != len(labels):
+        raise DataError(f"{len(w)} row weights for {len(labels)} training rows")
     model = make_pipeline(
-        StandardScaler(),
-        LogisticRegression(C=c, class_weight="balanced", max_iter=2000, random_state=seed),
-    )
-    model.fit(x, labels)
+        StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
+    model.fit(x, labels, standardscaler__sample_weight=(w > 0).astype(np.float64),
+              logisticregression__sample_weight=w)
     return model
 
 
@@ -159,9 +212,11 @@ def score(model: Pipeline, x: np.ndarray) -> np.ndarray:
 class ProbeDetector:
     kind = "probe"
 
-    def __init__(self, pipeline: Pipeline, settings: DetectorSettings) -> None:
+    def __init__(self, pipeline: Pipeline, settings: DetectorSettings,
+                 extra: dict[str, Any] | None = None) -> None:
         self.pipeline = pipeline
         self.settings = settings
+        self.extra = extra or {}
 
     def score(
         self, texts: Sequence[str] | None = None, *, features: np.ndarray | None = None
@@ -180,7 +235,7 @@ class ProbeDetector:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         joblib.dump(self.pipeline, out_dir / PROBE_FILE)
-        _write_manifest(out_dir, self.settings, {})
+        _write_manifest(out_dir, self.settings, self.extra)
         return out_dir
 
 
@@ -330,8 +385,10 @@ def train_lora_detector(
     seed: int = 0,
     device: str = "auto",
     progress: Progress | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> LoraDetector:
-    """Fine-tune LoRA adapters + a 2-way head with class-balanced cross-entropy."""
+    """Fine-tune LoRA adapters + a 2-way head with class-balanced cross-entropy, or
+    cross-entropy weighted by `sample_weight` ([n], e.g. `row_weights`)."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -361,9 +418,15 @@ def train_lora_detector(
 
     ids = _tokenize(tokenizer, texts, s.max_length)
     counts = np.bincount(labels, minlength=2)
-    # sklearn's "balanced": n / (2 * n_class)
-    weight = torch.tensor(len(labels) / (2.0 * counts), dtype=torch.float32, device=dev)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    if sample_weight is not None and len(sample_weight) != len(labels):
+        raise DataError(f"{len(sample_weight)} row weights for {len(labels)} training rows")
+    # sklearn's "balanced": n / (2 * n_class); a batch's loss is its weighted mean. Row
+    # weights instead divide by the batch's expected weight (batch size x mean weight), so a
+    # batch of low-weight rows moves the model little rather than as much as any other.
+    w_rows = torch.from_numpy(np.asarray(
+        row_weights(labels) if sample_weight is None else sample_weight, dtype=np.float32))
+    mean_w = float(w_rows.mean())
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     rng = random.Random(seed)
     steps_per_epoch = math.ceil(len(ids) / s.batch_size)
@@ -379,7 +442,10 @@ def train_lora_detector(
             x, mask = _collate([ids[i] for i in batch], tokenizer.pad_token_id)
             with _autocast(dev):
                 logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev)).logits
-            loss = loss_fn(logits.float(), y_t[batch].to(dev))
+            w = w_rows[batch].to(dev)
+            per_row = loss_fn(logits.float(), y_t[batch].to(dev))
+            norm = w.sum() if sample_weight is None else len(batch) * mean_w
+            loss = (w * per_row).sum() / norm
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -428,29 +494,44 @@ def fit_detector(
     out_dir: Path | None = None,
     device: str = "auto",
     progress: Progress | None = None,
+    synthetic: Sequence[bool] | np.ndarray | None = None,
+    synthetic_share: float | None = None,
 ) -> Detector:
     """Train the detector `settings.kind` names; save it to out_dir when given.
 
     probe: needs `features` ([n, d], e.g. `ProbeResult.pooled()`); texts may be None.
     lora: needs `texts` and `model_folder` (a transformers causal-LM folder or hub id).
+    `synthetic` ([n] bool) marks synthetic rows; with `synthetic_share` they get that share
+    of each label's weight (`row_weights`), without it they weigh like real rows. Both are
+    recorded in the manifest.
     """
     det: Detector
+    if synthetic is not None and len(synthetic) != len(labels):
+        raise DataError(f"{len(synthetic)} synthetic flags for {len(labels)} training rows")
+    weights = None
+    if synthetic_share is not None:
+        weights = row_weights(_check_labels(labels), synthetic, synthetic_share)
+    n_synthetic = int(np.asarray(synthetic, dtype=bool).sum()) if synthetic is not None else 0
+    recorded = {"synthetic_share": synthetic_share, "n_synthetic": n_synthetic}
     if settings.kind == "probe":
         if features is None:
             raise ConfigError("the probe detector trains on feature rows: pass features=")
         if texts is not None and len(texts) != len(features):
             raise DataError(f"{len(texts)} texts but {len(features)} feature rows")
-        pipeline = train_probe_detector(np.asarray(features), labels, c=settings.c, seed=seed)
-        det = ProbeDetector(pipeline, settings)
+        pipeline = train_probe_detector(np.asarray(features), labels, c=settings.c, seed=seed,
+                                        sample_weight=weights)
+        det = ProbeDetector(pipeline, settings, recorded)
     else:
         if texts is None:
             raise ConfigError("the lora detector trains on texts: pass texts")
         if model_folder is None:
             raise ConfigError("the lora detector needs model_folder (the causal LM to adapt)")
-        det = train_lora_detector(
+        lora = train_lora_detector(
             texts, labels, model_folder=model_folder, settings=settings, seed=seed,
-            device=device, progress=progress,
+            device=device, progress=progress, sample_weight=weights,
         )
+        lora.extra.update(recorded)
+        det = lora
     if out_dir is not None:
         det.save(out_dir)
     return det

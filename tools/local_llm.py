@@ -13,8 +13,20 @@ exactly on a probability boundary). Batching is kept; the cost is one small CPU
 `multinomial` per row and step (the probabilities are copied to the CPU), negligible
 beside the forward pass. Temperature 0 is greedy.
 
-Optional steering adds `scale * W_dec[feature]` of an SAE to the residual stream at the SAE's
-hook point (every position, prompt and generated) while generating.
+Steering adds a feature's decoder direction of an SAE to the residual stream at the SAE's
+hook point (every position, prompt and generated) while generating. Two kinds:
+- a fixed `steer=(sae, feature, scale)` for the whole client adds `scale * W_dec[feature]`
+  (absolute units: the decoder row as stored);
+- per request, `achat(..., steer=(feature, alpha))` on a client built with `sae=` adds
+  `alpha * rho * W_dec[feature] / |W_dec[feature]|`, where rho is the median residual norm at
+  the hook over a fixed reference prompt (measured once). The unit is the residual's own
+  size, so alpha means the same for any SAE (decoder rows are unit-norm in some, not in
+  others) and any layer (residual norms grow with depth): alpha = 0.5 pushes each position
+  half a typical residual length along the feature. (smollm2-135m, layer 8: rho ~130; over
+  12 replies for 3 task features, alpha 0.25 raised how often the target fired from 25% to
+  58% with fluent text, 0.5 began to repeat words, 1.0 gave word salad.) Requests with
+  different steering share a batch: each row gets its own direction (zero for an unsteered
+  row, which then replies as it would alone).
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +46,11 @@ from tools.sae import LoadedSAE, check_fits
 
 Steer = tuple[LoadedSAE, int, float]
 """(SAE, feature, scale): add scale * W_dec[feature] at the SAE's hook point."""
+RowSteer = tuple[int, float]
+"""(feature, alpha) of one request: alpha residual norms along the feature's direction."""
+REFERENCE = ("You write realistic messages that people send to chatbots.",
+             "Write one message about cooking dinner for friends on a rainy evening.")
+"""The fixed prompt whose residual norm at the hook sets the unit of per-request steering."""
 
 
 class _RowSampler:
@@ -84,6 +101,7 @@ class _Request:
     seed: int
     max_new_tokens: int
     future: asyncio.Future[str]
+    steer: RowSteer | None = None
 
     @property
     def key(self) -> tuple[str, float, int]:
@@ -108,8 +126,11 @@ class LocalChat:
         batch_size: int = 16,
         batch_window_s: float = 0.005,
         steer: Steer | None = None,
+        sae: LoadedSAE | Callable[[], LoadedSAE] | None = None,
         name: str | None = None,
     ) -> None:
+        """`steer`: a fixed steering for every reply; `sae` (or a function loading it on the
+        first steered request): the SAE per-request steering uses (default: steer's)."""
         if lm.tokenizer.chat_template is None:
             raise ConfigError(
                 f"model {lm.name!r} has no chat template: LocalChat needs an instruct/chat "
@@ -131,6 +152,32 @@ class LocalChat:
         self.name = name or f"local:{lm.name}{suffix}"
         self._lock = threading.Lock()  # one generate at a time (model + hooks are shared)
         self._queue: _Queue | None = None
+        self._sae: LoadedSAE | Callable[[], LoadedSAE] | None = (
+            sae if sae is not None else steer[0] if steer is not None else None)
+        self._rho: float | None = None
+
+    @property
+    def can_steer(self) -> bool:
+        """Per-request steering (`achat(..., steer=...)`) works: the client has an SAE."""
+        return self._sae is not None
+
+    def steering_sae(self) -> LoadedSAE:
+        """The SAE per-request steering uses (loaded and checked on first use)."""
+        if self._sae is None:
+            raise ConfigError(f"{self.name}: per-request steering needs an SAE (LocalChat(..., "
+                              "sae=...)); this client has none")
+        if not isinstance(self._sae, LoadedSAE):
+            self._sae = self._sae()
+            check_fits(self._sae, self.lm.model)
+        return self._sae
+
+    def check_steer(self, steer: RowSteer) -> None:
+        feature, alpha = steer
+        sae = self.steering_sae()
+        if not 0 <= feature < sae.d_sae:
+            raise ConfigError(f"steer feature {feature} is outside the SAE's 0..{sae.d_sae - 1}")
+        if alpha < 0:
+            raise ConfigError(f"steer scale {alpha} is negative")
 
     # -- prompts -----------------------------------------------------------------------
 
@@ -153,17 +200,21 @@ class LocalChat:
         self, prompts: Sequence[str], *, temperature: float = 0.0, seed: int = 0,
         seeds: Sequence[int] | None = None,
         max_new_tokens: int | None = None, min_new_tokens: int | None = None,
+        steers: Sequence[RowSteer | None] | None = None,
     ) -> list[str]:
         """Raw continuations of `prompts` (no chat template), one padded generate call.
 
         Sampling seeds each row on its own: row i uses `seeds[i]`, or `seed + i` when
-        `seeds` is not given; a row's reply does not depend on the other rows."""
+        `seeds` is not given; a row's reply does not depend on the other rows. `steers[i]`
+        steers row i (see the module doc; None: not steered)."""
         if not prompts:
             return []
         if seeds is None:
             seeds = [seed + i for i in range(len(prompts))]
         elif len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if steers is not None and len(steers) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(steers)} steers")
         tok, model = self.lm.tokenizer, self.lm.model
         batch = tok.pad({"input_ids": [self._ids(p) for p in prompts]},
                         padding_side="left", return_tensors="pt")
@@ -183,7 +234,7 @@ class LocalChat:
                 top_p=1.0 if config.top_p is None else float(config.top_p),
             )]
         input_ids = batch["input_ids"].to(self.lm.device)
-        with self._lock, self._steering(), torch.inference_mode():
+        with self._lock, self._steering(steers or ()), torch.inference_mode():
             out = model.generate(
                 input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.lm.device),
                 **kwargs,
@@ -194,24 +245,73 @@ class LocalChat:
         self, messages: Sequence[tuple[str, str]], *, temperature: float = 0.0, seed: int = 0,
         seeds: Sequence[int] | None = None,
         max_new_tokens: int | None = None, min_new_tokens: int | None = None,
+        steers: Sequence[RowSteer | None] | None = None,
     ) -> list[str]:
-        """Replies to (system, user) pairs, one padded generate call (seeds as in
+        """Replies to (system, user) pairs, one padded generate call (seeds and steers as in
         `complete_batch`)."""
         replies = self.complete_batch(
             [self.chat_prompt(s, u) for s, u in messages], temperature=temperature, seed=seed,
             seeds=seeds, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            steers=steers,
         )
         return [r.strip() for r in replies]
 
+    def _residual_norm(self, sae: LoadedSAE) -> float:
+        """rho: the median residual norm at the SAE's hook over the REFERENCE prompt (the
+        first position left out: attention-sink tokens carry outsized norms). Call with the
+        lock held and no steering hook in place."""
+        if self._rho is None:
+            module = self.lm.model.get_submodule(sae.hook.module)
+            seen: list[torch.Tensor] = []
+
+            def grab(hidden: Any) -> None:
+                seen.append((hidden[0] if isinstance(hidden, tuple) else hidden).detach())
+
+            if sae.hook.side == "output":
+                handle = module.register_forward_hook(lambda _m, _args, out: grab(out))
+            else:
+                handle = module.register_forward_pre_hook(lambda _m, args: grab(args))
+            ids = torch.tensor([self._ids(self.chat_prompt(*REFERENCE))], device=self.lm.device)
+            try:
+                with torch.inference_mode():
+                    self.lm.model(input_ids=ids)
+            finally:
+                handle.remove()
+            self._rho = float(seen[0][0, 1:].float().norm(dim=-1).median())
+        return self._rho
+
+    def _row_directions(self, steers: Sequence[RowSteer | None]) -> torch.Tensor | None:
+        """[rows, 1, d_model]: each row's alpha * rho * unit W_dec[feature] (zeros for an
+        unsteered row); None when no row is steered."""
+        if not any(steers):
+            return None
+        sae = self.steering_sae()
+        rho = self._residual_norm(sae)
+        w_dec = sae.sae.W_dec.detach()
+        rows = torch.zeros(len(steers), w_dec.shape[1], dtype=torch.float32,
+                           device=w_dec.device)
+        for i, st in enumerate(steers):
+            if st is not None:
+                feature, alpha = st
+                row = w_dec[feature].float()
+                rows[i] = alpha * rho * row / row.norm().clamp_min(1e-12)
+        return rows[:, None, :]
+
     @contextlib.contextmanager
-    def _steering(self) -> Iterator[None]:
-        if self.steer is None:
+    def _steering(self, steers: Sequence[RowSteer | None] = ()) -> Iterator[None]:
+        rows = self._row_directions(steers)
+        if self.steer is None and rows is None:
             yield
             return
-        sae, feature, scale = self.steer
+        sae = self.steer[0] if self.steer is not None else self.steering_sae()
         module = self.lm.model.get_submodule(sae.hook.module)
         param = next(self.lm.model.parameters())
-        direction = (scale * sae.sae.W_dec[feature].detach()).to(param.device, param.dtype)
+        direction = torch.zeros((), dtype=param.dtype, device=param.device)
+        if self.steer is not None:
+            _, feature, scale = self.steer
+            direction = (scale * sae.sae.W_dec[feature].detach()).to(param.device, param.dtype)
+        if rows is not None:  # [rows, 1, d] broadcasts over [rows, positions, d]
+            direction = direction + rows.to(param.device, param.dtype)
 
         def add(hidden: Any) -> Any:
             if isinstance(hidden, tuple):
@@ -233,9 +333,14 @@ class LocalChat:
         """Greedy reply (the interpreter's `ChatClient`)."""
         return self.generate_batch([(system, user)])[0]
 
-    async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
-        """One reply; concurrent calls are batched (the generator's `AsyncChatClient`)."""
-        return await self._submit("chat", (system, user), temperature, seed, self.max_new_tokens)
+    async def achat(self, system: str, user: str, *, temperature: float, seed: int,
+                    steer: RowSteer | None = None) -> str:
+        """One reply; concurrent calls are batched (the generator's `AsyncChatClient`).
+        `steer=(feature, alpha)` steers this reply (see the module doc; needs `sae`)."""
+        if steer is not None:
+            self.check_steer(steer)
+        return await self._submit("chat", (system, user), temperature, seed, self.max_new_tokens,
+                                  steer)
 
     async def acomplete(
         self, prompt: str, *, temperature: float, seed: int, max_tokens: int | None = None
@@ -251,13 +356,14 @@ class LocalChat:
 
     async def _submit(
         self, kind: Literal["chat", "complete"], prompt: tuple[str, str] | str,
-        temperature: float, seed: int, max_new_tokens: int,
+        temperature: float, seed: int, max_new_tokens: int, steer: RowSteer | None = None,
     ) -> str:
         loop = asyncio.get_running_loop()
         if self._queue is None or self._queue.loop is not loop:
             self._queue = _Queue(loop)
         queue = self._queue
-        request = _Request(kind, prompt, temperature, seed, max_new_tokens, loop.create_future())
+        request = _Request(kind, prompt, temperature, seed, max_new_tokens, loop.create_future(),
+                           steer)
         queue.pending.append(request)
         if queue.worker is None or queue.worker.done():
             queue.worker = loop.create_task(self._drain(queue))
@@ -286,7 +392,8 @@ class LocalChat:
             pairs = [r.prompt for r in batch if isinstance(r.prompt, tuple)]
             return self.generate_batch(pairs, temperature=first.temperature,
                                        seeds=[r.seed for r in batch],
-                                       max_new_tokens=first.max_new_tokens)
+                                       max_new_tokens=first.max_new_tokens,
+                                       steers=[r.steer for r in batch])
         texts = [r.prompt for r in batch if isinstance(r.prompt, str)]
         return self.complete_batch(texts, temperature=first.temperature,
                                    seeds=[r.seed for r in batch],

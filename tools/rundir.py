@@ -79,10 +79,37 @@ class LoopSettings(BaseModel):
     per_round: int | None = Field(None, ge=1, description="generated samples per round at most")
     fill: bool = Field(False, description="raise per_feature so each round spends per_round "
                        "even when few features are missing")
+    max_per_feature: int = Field(
+        8, ge=1, description="requests for one feature in a round at most (never below "
+        "per_feature). A round's requests are spread over its features in proportion to "
+        "their coverage deficit, per_feature on average (all of per_round with fill); the cap "
+        "keeps one large deficit from taking the round (one run kept 18 of 26 samples for a "
+        "single feature)")
+    negatives: float = Field(
+        0.5, ge=0, le=1, description="share of each feature's requests asked as label 0: hard "
+        "negatives, harmless messages on the feature's own theme. With positives only, every "
+        "synthetic row is label 1 and a detector can learn 'synthetic = toxic' (style, length) "
+        "instead of the task; half and half makes the theme itself carry no label. 0: "
+        "positives only (runs before this setting)")
+    hosts: bool = Field(
+        True, description="ground each request in a real anchor row of its label, rewritten to "
+        "carry the feature's theme, so samples keep real rows' length, tone and style (real "
+        "toxic rows are long role-play set-ups, generated ones short); off: write from scratch")
+    steer: float = Field(
+        0.0, ge=0, description="steer the generator towards each target feature while sampling: "
+        "add steer x (median residual norm at the SAE's layer) along the feature's decoder "
+        "direction (tools/local_llm.py); local generator only; 0: off. On smollm2-135m 0.25 "
+        "doubled how often the target fired in replies, 0.5 began to garble them, 1 did")
     temperature: float = Field(0.8, ge=0, le=2)
     label_gate: LabelGateSettings = Field(
         default_factory=LabelGateSettings,
         description="how kept samples' labels are checked before they join the data")
+    synthetic_share: float | None = Field(
+        0.2, ge=0, lt=1, description="the kept synthetic rows' share of each label's weight "
+        "in the detector (tools.detector.row_weights); None: every row weighs the same. 0.2 "
+        "because left equal, ~23 synthetic positives carry ~45% of the positive weight next "
+        "to ~28 real ones although their labels are only as sure as the label gate, and the "
+        "share would grow each round; not yet measured against other values")
     focus: Literal["data", "model", "both"] = Field(
         "data", description="missing features: absent from the data (data), over-represented "
         "in the detector's errors on anchor rows (model), or both",
@@ -196,6 +223,8 @@ class RoundRecord(BaseModel):
 
     round: int = Field(ge=0)
     fac: float = Field(description="feature activation coverage after this round")
+    fac_graded: float = Field(0.0, description="graded FAC after this round (see "
+                              "tools.coverage.GradedRule); 0.0 in runs older than it")
     n_task: int = Field(ge=0, description="task-relevant features")
     n_missing: int = Field(ge=0, description="task features still missing after this round")
     missing: list[MissingSummary] = Field(default_factory=list)

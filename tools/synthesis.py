@@ -1,13 +1,19 @@
 """The synthesis steps, once: every surface (CLI commands, the improve graph, the chat agent,
 the MCP server) calls these. Each step reads and returns plain pydantic models, so the CLI
 can chain them through JSON files: coverage -> interpret -> generate -> verify.
+
+Between interpret and generate, a round's requests are planned here too: `round_targets`
+spreads them over the targeted features in proportion to their coverage deficit and splits
+each feature's share into positives and hard negatives; `assign_hosts` picks the real rows
+grounded requests rewrite.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -15,7 +21,7 @@ from pydantic import BaseModel, Field
 from memory.feature_memory import FeatureRecord
 from tools.coverage import Coverage, CoverageReport, Span
 from tools.data import TextDataset
-from tools.generate import AsyncChatClient, GenerateSettings, Target, agenerate
+from tools.generate import AsyncChatClient, GenerateSettings, Request, Target, agenerate
 from tools.interpret import (
     LOW_SCORE,
     ChatClient,
@@ -145,6 +151,102 @@ def span_finder(ws: Workspace, anchor: TextDataset) -> SpanFn:
         return {f: [Span(row=r, text=t, activation=a) for r, t, a in v] for f, v in got.items()}
 
     return find
+
+
+def allocate(weights: Sequence[float], total: int, cap: int) -> list[int]:
+    """`total` requests over features in proportion to `weights` (in the caller's priority
+    order), at least 1 each and at most `cap` each. When `total` is below the number of
+    features, the first `total` get one each; units a capped feature cannot take go to the
+    others, so less than `total` is given only when every feature is at `cap`. Highest
+    averages (D'Hondt) from a floor of 1: the next unit goes to the largest
+    weight / (count + 1), ties to the earlier feature."""
+    n = len(weights)
+    if n == 0 or total <= 0:
+        return [0] * n
+    if total <= n:
+        return [1] * total + [0] * (n - total)
+    counts = [1] * n
+    for _ in range(min(total, cap * n) - n):
+        open_ = [i for i in range(n) if counts[i] < cap]
+        best = max(open_, key=lambda i: (weights[i] / (counts[i] + 1), -i))
+        counts[best] += 1
+    return counts
+
+
+def split_labels(counts: Sequence[int], negatives: float) -> list[tuple[int, int]]:
+    """(positives, negatives) per feature: `negatives` of all requests as label 0, rounded
+    on the running total so the round's share is exact while each feature's is as even as
+    its count allows (a lone request goes to the label the running share is short of)."""
+    out: list[tuple[int, int]] = []
+    seen = given = 0
+    for c in counts:
+        seen += c
+        neg = int(negatives * seen + 1e-9) - given
+        given += neg
+        out.append((c - neg, neg))
+    return out
+
+
+def round_targets(
+    found: Interpreted, deficits: Mapping[int, int], total: int, *, cap: int,
+    negatives: float,
+) -> list[Target]:
+    """A round's targets: `total` requests spread over the targeted features in proportion
+    to their deficit (`allocate`; a feature without a deficit counts as the mean of those
+    with one, all as 1 when none has one), each feature's share split by `negatives` into a
+    label-1 target and a label-0 one (hard negatives on the same theme), each with its `n`."""
+    targets = found.targets
+    known = [deficits[t.feature] for t in targets if deficits.get(t.feature, 0) > 0]
+    fallback = sum(known) / len(known) if known else 1.0
+    weights = [float(deficits.get(t.feature, 0)) or fallback for t in targets]
+    counts = allocate(weights, total, cap)
+    out: list[Target] = []
+    for t, (pos, neg) in zip(targets, split_labels(counts, negatives), strict=True):
+        if pos:
+            out.append(t.model_copy(update={"label": 1, "n": pos}))
+        if neg:
+            out.append(t.model_copy(update={"label": 0, "n": neg}))
+    return out
+
+
+HOST_MAX_CHARS = 600
+"""Longest row used as a host: a rewrite keeps the host's length, and replies are capped at
+max_new_tokens (callers pass the smaller of this and ~4 characters per reply token)."""
+
+
+def assign_hosts(
+    requests: Sequence[Request], texts: Sequence[str], labels: Sequence[int] | None,
+    seed: int, max_chars: int = HOST_MAX_CHARS,
+) -> dict[int, str]:
+    """Request seed -> a real row of the request's label (non-empty, at most `max_chars`
+    characters) for it to rewrite. A (feature, label)'s requests walk one shuffle of that
+    label's rows, so they get different hosts (while rows last) and each feature its own;
+    the shuffle depends only on (seed, feature, label): a resumed round picks the same
+    hosts. A label without such rows gets none (those requests are written from scratch)."""
+    if labels is None:
+        log.warning("the anchor has no labels: generation is not grounded in real rows")
+        return {}
+    pools: dict[int, list[str]] = {}
+    for text, y in zip(texts, labels, strict=True):
+        if text.strip() and len(text) <= max_chars:
+            pools.setdefault(y, []).append(text)
+    out: dict[int, str] = {}
+    orders: dict[tuple[int, int], list[int]] = {}
+    for r in requests:
+        pool = pools.get(r.target.label, [])
+        if not pool:
+            continue
+        key = (r.target.feature, r.target.label)
+        if key not in orders:
+            orders[key] = random.Random(f"hosts:{seed}:{key[0]}:{key[1]}").sample(
+                range(len(pool)), len(pool))
+        out[r.seed] = pool[orders[key][r.k % len(pool)]]
+    missing = {r.target.label for r in requests} - set(pools)
+    if missing:
+        log.warning("no anchor row of label(s) %s is short enough (%d characters) to host a "
+                    "rewrite: those requests are written from scratch", sorted(missing),
+                    max_chars)
+    return out
 
 
 def generate(

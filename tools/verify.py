@@ -60,10 +60,18 @@ class FeatureHits(BaseModel):
     generated: int
     activated: int
     kept: int
+    disputed: int = Field(0, description="passed the activation check, then dropped by the "
+                          "label gate (not in `kept`)")
 
     @property
     def hit_rate(self) -> float:
         return self.activated / self.generated if self.generated else 0.0
+
+    @property
+    def gate_pass_rate(self) -> float:
+        """Of this feature's samples that reached the label gate, the share it kept."""
+        checked = self.kept + self.disputed
+        return self.kept / checked if checked else 0.0
 
 
 class VerifyReport(BaseModel):
@@ -86,7 +94,9 @@ class VerifyReport(BaseModel):
         for v, ok in zip(self.kept, label_ok, strict=True):
             if not ok:
                 disputed.append(v.model_copy(update={"reason": "label_disputed"}))
-                per_feature[v.sample.provenance.feature].kept -= 1
+                hits = per_feature[v.sample.provenance.feature]
+                hits.kept -= 1
+                hits.disputed += 1
         return VerifyReport(kept=[v for v, ok in zip(self.kept, label_ok, strict=True) if ok],
                             rejected=self.rejected + disputed, per_feature=per_feature)
 

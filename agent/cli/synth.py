@@ -221,7 +221,28 @@ def improve(
     rounds: Annotated[int, typer.Option(help="synthesis rounds at most")] = 3,
     budget: Annotated[int, typer.Option(help="generated samples at most, all rounds")] = 400,
     top: Annotated[int, typer.Option(help="missing features targeted per round")] = 10,
-    per_feature: Annotated[int, typer.Option(help="samples per targeted feature")] = 2,
+    per_feature: Annotated[
+        int, typer.Option(help="samples per targeted feature, on average: a round spreads "
+                          "them by coverage deficit")
+    ] = 2,
+    max_per_feature: Annotated[
+        int | None, typer.Option(help="samples for one feature in a round at most [default: 8]")
+    ] = None,
+    negatives: Annotated[
+        float | None, typer.Option(help="share of each feature's samples asked as label 0 "
+                                   "(harmless messages on its theme); 0: positives only "
+                                   "[default: 0.5]")
+    ] = None,
+    hosts: Annotated[
+        bool | None, typer.Option("--hosts/--no-hosts", help="rewrite real anchor rows of the "
+                                  "wanted label to carry each theme, or write from scratch "
+                                  "[default: hosts]")
+    ] = None,
+    steer: Annotated[
+        float | None, typer.Option(help="steer the local generator towards each target "
+                                   "feature, in residual norms (0.25 helps on smollm2-135m; "
+                                   "0.5+ garbles text); 0: off [default: 0]")
+    ] = None,
     epsilon: Annotated[float, typer.Option(help="stop when FAC gains less than this")] = 0.01,
     patience: Annotated[
         int, typer.Option(help="stop after this many rounds without a better AUPRC")
@@ -233,8 +254,20 @@ def improve(
     detector: Annotated[str, typer.Option(help="probe (fast) or lora (the paper's)")] = "probe",
     label_gate: Annotated[
         str, typer.Option(help="detector (a kept sample's label must look like real rows of "
-                          "that label to the current detector) or off")
+                          "that label to the current detector), llm (the LLM must give that "
+                          "label, if it agrees with real anchor labels well enough), both, "
+                          "or off")
     ] = "detector",
+    label_reference: Annotated[
+        Path | None, typer.Option(help="labelled rows that know more than the seed (e.g. "
+                                  "public toxicity data): a probe on them joins the detector "
+                                  "judge of the label gate")
+    ] = None,
+    synthetic_share: Annotated[
+        str | None, typer.Option(help="synthetic rows' share of each label's weight in the "
+                                 "detector, in [0, 1), or none to weigh every row the same "
+                                 "(default 0.2)")
+    ] = None,
     relevance: RelevanceOpt = "auto",
     generator: GeneratorOpt = None,
     model: ModelOpt = None,
@@ -263,15 +296,53 @@ def improve(
                                    generator=generator),
                 loop=validated(LoopSettings, what, max_rounds=rounds, budget=budget, top=top,
                                seed=seed, per_feature=per_feature, epsilon=epsilon,
-                               patience=patience, focus=focus,
-                               label_gate=validated(LabelGateSettings, what, judge=label_gate)),
+                               patience=patience, focus=focus, **_share(synthetic_share),
+                               **_given(max_per_feature=max_per_feature, negatives=negatives,
+                                        hosts=hosts, steer=steer),
+                               label_gate=validated(
+                                   LabelGateSettings, what, judge=label_gate,
+                                   reference=_reference(label_reference))),
                 detector=validated(DetectorSettings, "detector options", kind=detector),
             )
+            _check_steer(cfg)
             run = run_dir
             cfg = start_run(run, cfg)
         state = _run_loop(run, cfg, resume is not None)
     out.print(f"[bold]stopped after round {state.get('round')}:[/] {state.get('stop_reason')}; "
               f"FAC {state.get('fac', 0):.3f}. Report: facsynth report {run}")
+
+
+def _share(value: str | None) -> dict[str, Any]:
+    """--synthetic-share as a LoopSettings field: absent keeps the default, `none` is None."""
+    if value is None:
+        return {}
+    return {"synthetic_share": None if value.strip().lower() == "none" else value}
+
+
+def _reference(path: Path | None) -> str | None:
+    """--label-reference checked now (a bad file fails the start, not round 1), absolute."""
+    if path is None:
+        return None
+    from tools.data import load_texts
+
+    load_texts(path, require_labels=True)
+    return str(path.resolve()) if path.exists() else str(path)  # a hub id as given
+
+
+def _check_steer(cfg: RunConfig) -> None:
+    """--steer needs the in-process generator: refuse the start, not round 1."""
+    from agent.llm import choose_backend
+
+    if cfg.loop.steer > 0:
+        backend = choose_backend(settings_from(**cfg.settings.given()))
+        if backend != "local":
+            raise ConfigError(f"--steer {cfg.loop.steer:g} needs --generator local (SAE "
+                              f"steering runs in-process); the generator here is {backend}")
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options given on the command line (LoopSettings holds their defaults)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _run_loop(run: Path, cfg: RunConfig, resuming: bool) -> dict[str, Any]:

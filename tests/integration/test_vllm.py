@@ -68,7 +68,7 @@ def test_interpret_generate_verify_through_managed_vllm(tmp_path: Path) -> None:
     assert len(samples) == 6 and sum(bool(s.text.strip()) for s in samples) >= 4
     for s in samples:
         p = s.provenance
-        assert p.generator == "vllm:smollm2-135m" and p.prompt_version == "generate_toxicity.v3"
+        assert p.generator == "vllm:smollm2-135m" and p.prompt_version == "generate_toxicity.v4"
         assert p.feature in records and p.temperature == 0.8 and p.seed is not None
     assert magpie.strip(), "raw completion works (the magpie baseline's path)"
 

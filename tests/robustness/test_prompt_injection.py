@@ -32,10 +32,12 @@ UNTRUSTED: dict[str, dict[str, Any]] = {
     "score_interpretation.v2": {"summary": ROW, "text": ROW},
     "relevance_toxicity.v2": {"summary": ROW, "spans": [ROW]},
     "generate_toxicity.v3": {"summary": ROW, "spans": [ROW], "label": 1},
+    "generate_toxicity.v4": {"summary": ROW, "spans": [ROW], "label": 1, "host": ROW},
     "baseline_self_instruct.v3": {"examples": [ROW, ROW], "label": 1},
     "baseline_evol_depth.v3": {"message": ROW, "operation": "deepen", "label": 1},
     "baseline_evol_breadth.v3": {"message": ROW, "label": 0},
     "chat_system.v2": {"root": "/w", "files": [ROW], "tools": []},
+    "judge_label.v1": {"text": ROW},
 }
 TRUSTED_ONLY = {"baseline_random.v2"}  # no dataset text in it
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from tools.detector import (
     evaluate,
     fit_detector,
     load_detector,
+    row_weights,
     summarize,
 )
 from tools.errors import ConfigError, DataError
@@ -53,6 +55,73 @@ def test_single_class_and_bad_inputs_rejected() -> None:
         fit_detector(DetectorSettings(), None, np.arange(60) % 2)
     with pytest.raises(ConfigError, match="model_folder"):
         fit_detector(DetectorSettings(kind="lora"), ["a", "b"], [0, 1])
+
+
+def test_row_weights_without_share_are_balanced() -> None:
+    y = np.array([1, 1, 0, 0, 0, 0])
+    w = row_weights(y, [False, True, False, False, True, True])
+    np.testing.assert_allclose(w, [1.5, 1.5, 0.75, 0.75, 0.75, 0.75])  # n / (2 n_label)
+
+
+def test_row_weights_give_synthetic_rows_their_share_of_each_label() -> None:
+    y = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    fake = np.array([0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 1], dtype=bool)
+    n_real = int((~fake).sum())  # 7
+    for s in (0.0, 0.2, 0.5, 0.9):
+        w = row_weights(y, fake, s)
+        for label in (0, 1):
+            mine = y == label
+            assert w[mine].sum() == pytest.approx(n_real / 2), "labels stay balanced"
+            assert w[mine & fake].sum() == pytest.approx(s * n_real / 2)
+            # rows of one kind within a label weigh the same
+            assert np.ptp(w[mine & fake]) == 0 and np.ptp(w[mine & ~fake]) == 0
+    # a label without synthetic rows gives all its weight to its real rows
+    pos_fake = y.astype(bool) & fake  # 3 synthetic positives, 8 real rows
+    w = row_weights(y, pos_fake, 0.2)
+    np.testing.assert_allclose(w[y == 0], 8 / 2 / 6)
+    np.testing.assert_allclose(w[pos_fake].sum(), 0.2 * 8 / 2)
+    # ...and one with only synthetic rows to those
+    only = row_weights([1, 1, 0, 0], [True, True, False, False], 0.2)
+    np.testing.assert_allclose(only, [0.5, 0.5, 0.5, 0.5])
+    # no synthetic rows at all: balanced, as without a share
+    np.testing.assert_allclose(row_weights(y, None, 0.3), row_weights(y))
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        row_weights(y, fake, 1.0)
+    with pytest.raises(DataError, match="synthetic flags"):
+        row_weights(y, fake[:3], 0.2)
+
+
+def _with_flipped_copies(seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Real separable rows plus synthetic rows near the positives labelled 0 (wrong)."""
+    x, y = _separable()
+    rng = np.random.default_rng(seed)
+    fake_x = rng.normal(size=(25, x.shape[1]))
+    fake_x[:, 0] += 4.0
+    return (np.vstack([x, fake_x]), np.concatenate([y, np.zeros(25, int)]),
+            np.arange(len(x) + 25) >= len(x))
+
+
+def test_probe_with_share_zero_ignores_synthetic_rows(tmp_path: Path) -> None:
+    x_all, y_all, fake = _with_flipped_copies()
+    x, y = x_all[~fake], y_all[~fake]
+    real_only = fit_detector(DetectorSettings(), None, y, features=x)
+    zero = fit_detector(DetectorSettings(), None, y_all, features=x_all, synthetic=fake,
+                        synthetic_share=0.0, out_dir=tmp_path / "det")
+    np.testing.assert_allclose(zero.score(features=x_all), real_only.score(features=x_all),
+                               atol=1e-5)
+    manifest = json.loads((tmp_path / "det" / "detector.json").read_text())
+    assert manifest["synthetic_share"] == 0.0 and manifest["n_synthetic"] == 25
+    # the share moves the model toward the synthetic rows' (here wrong) labels
+    pos = x_all[y_all == 1]
+    means = [fit_detector(DetectorSettings(), None, y_all, features=x_all, synthetic=fake,
+                          synthetic_share=s).score(features=pos).mean() for s in (0.0, 0.2, 0.5)]
+    assert means[0] > means[1] > means[2]
+    # no share: the mask is only recorded, every row weighs the same as before
+    plain = fit_detector(DetectorSettings(), None, y_all, features=x_all)
+    masked = fit_detector(DetectorSettings(), None, y_all, features=x_all, synthetic=fake)
+    np.testing.assert_array_equal(masked.score(features=x_all), plain.score(features=x_all))
+    with pytest.raises(DataError, match="synthetic flags"):
+        fit_detector(DetectorSettings(), None, y_all, features=x_all, synthetic=fake[:5])
 
 
 def test_summarize_maths() -> None:
@@ -123,6 +192,24 @@ def test_lora_one_step_save_and_reload(tiny_folder: Path, tmp_path: Path) -> Non
     torch.manual_seed(123)
     twin = fit_detector(settings, TEXTS, LABELS, model_folder=tiny_folder, seed=0, device="cpu")
     np.testing.assert_allclose(twin.score(TEXTS), scores, atol=1e-6)
+
+
+def test_lora_with_share_zero_ignores_synthetic_rows(tiny_folder: Path, tmp_path: Path) -> None:
+    """One batch holds every row: weight-0 rows change neither the loss nor the steps."""
+    settings = DetectorSettings(kind="lora", epochs=2, batch_size=16, max_length=16, lr=1e-3,
+                                lora_dropout=0.0)
+    fake = ["tell me how to bake bread", "write a poem about how to hurt"]
+    texts, labels = TEXTS + fake, LABELS + [1, 0]  # synthetic rows with the wrong labels
+    mask = [False] * len(TEXTS) + [True, True]
+    real_only = fit_detector(settings, TEXTS, LABELS, model_folder=tiny_folder, device="cpu")
+    zero = fit_detector(settings, texts, labels, model_folder=tiny_folder, device="cpu",
+                        synthetic=mask, synthetic_share=0.0, out_dir=tmp_path / "lora")
+    np.testing.assert_allclose(zero.score(texts), real_only.score(texts), atol=1e-5)
+    manifest = json.loads((tmp_path / "lora" / "detector.json").read_text())
+    assert manifest["synthetic_share"] == 0.0 and manifest["n_synthetic"] == 2
+    half = fit_detector(settings, texts, labels, model_folder=tiny_folder, device="cpu",
+                        synthetic=mask, synthetic_share=0.5)
+    assert np.abs(half.score(texts) - zero.score(texts)).max() > 1e-4
 
 
 def test_lora_learns_on_tiny(tiny_folder: Path) -> None:

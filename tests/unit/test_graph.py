@@ -167,3 +167,79 @@ def test_label_gate_off_keeps_every_hit(tmp_path: Path) -> None:
                                    "label_gate": LabelGateSettings(judge="off")})
     run(tmp_path, engine, loop)
     assert History.load(tmp_path).rounds[1].disputed == 0 and engine.checked == []
+
+
+def test_label_gate_counts_disputes_per_feature_and_records_the_judge(tmp_path: Path) -> None:
+    class LLMJudged(FakeEngine):
+        def label_check(self, samples, model_dir, gate):  # type: ignore[no-untyped-def]
+            check = super().label_check(samples, model_dir, gate)
+            return check.model_copy(update={"judged_by": "llm", "llm_agreement": 0.85})
+
+    engine = LLMJudged(dispute=lambda s: s.provenance.feature % 2 == 0)
+    run(tmp_path, engine, LOOP.model_copy(update={"max_rounds": 1}))
+    summary = json.loads((tmp_path / "work").joinpath("round-1.verify.json").read_text())
+    assert summary["label_judge"] == "llm" and summary["llm_agreement"] == 0.85
+    per = History.load(tmp_path).rounds[1].per_feature
+    assert any(h.disputed for h in per.values())
+    for f, h in per.items():
+        assert (h.kept, h.gate_pass_rate) == ((0, 0.0) if f % 2 == 0 else (h.activated, 1.0))
+        assert h.disputed == (h.activated if f % 2 == 0 else 0)
+
+
+def test_train_marks_kept_samples_synthetic(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    run(tmp_path, engine, LOOP.model_copy(update={"max_rounds": 1, "synthetic_share": 0.3}))
+    kept = len((tmp_path / "data" / "round-1.jsonl").read_text().splitlines())
+    assert kept and engine.trained == [
+        ([False] * len(DATA.texts), 0.3),  # round 0: the starting data only
+        ([False] * len(DATA.texts) + [True] * kept, 0.3)]
+
+
+def journal(run_dir: Path, r: int = 1) -> list[dict]:
+    path = run_dir / "work" / f"round-{r}.generated.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_a_round_asks_for_both_labels_of_each_feature(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    run(tmp_path, engine, LOOP.model_copy(update={"max_rounds": 1}))
+    rows = journal(tmp_path)
+    labels: dict[int, list[int]] = {}
+    for x in rows:
+        labels.setdefault(x["provenance"]["feature"], []).append(x["label"])
+    assert sorted(labels) == [3, 4, 5, 6] and all(len(v) == 3 for v in labels.values())
+    assert all(set(v) == {0, 1} for v in labels.values()), "positives and hard negatives"
+    assert sum(y == 0 for x in labels.values() for y in x) == 6  # negatives=0.5 of 12
+    assert History.load(tmp_path).rounds[1].generated == 12  # verify found every request
+    ((targets, gs),) = engine.generated
+    assert gs.hosts and gs.steer == 0.0 and len(targets) == 8
+
+
+def test_negatives_0_asks_what_older_runs_asked(tmp_path: Path) -> None:
+    from tools.generate import GenerateSettings, job_seed
+
+    run(tmp_path, FakeEngine(), LOOP.model_copy(update={"max_rounds": 1, "negatives": 0.0}))
+    rows = journal(tmp_path)
+    gs = GenerateSettings(seed=1)  # the loop's round-1 seed: loop.seed * 1000 + 1
+    assert [x["provenance"]["seed"] for x in rows] == [
+        job_seed(gs, f, k) for f in (3, 4, 5, 6) for k in range(3)]
+    assert {x["label"] for x in rows} == {1}
+
+
+def test_the_round_is_spread_by_deficit_and_capped(tmp_path: Path) -> None:
+    engine = FakeEngine(deficits={3: 2, 4: 40, 5: 10, 6: 3, 7: 1})
+    loop = LOOP.model_copy(update={"max_rounds": 1, "max_per_feature": 6, "negatives": 0.0})
+    run(tmp_path, engine, loop)
+    ((targets, _),) = engine.generated
+    # largest deficit first, top 4 of them; 12 requests by deficit 40/10/3/2, at least 1
+    # each, at most 6 (the capped share goes to the others)
+    assert [(t.feature, t.n) for t in targets] == [(4, 6), (5, 4), (6, 1), (3, 1)]
+    assert len(journal(tmp_path)) == 12
+
+
+def test_steer_and_hosts_reach_the_engine(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    loop = LOOP.model_copy(update={"max_rounds": 1, "hosts": False, "steer": 0.75})
+    run(tmp_path, engine, loop)
+    ((_, gs),) = engine.generated
+    assert not gs.hosts and gs.steer == 0.75

@@ -139,3 +139,83 @@ def test_steering_checks_the_sae_and_feature(tiny_lm, tiny_sae) -> None:
 def test_json_schema_is_not_enforced_in_process(tiny_lm) -> None:
     chat = LocalChat(tiny_lm)
     assert chat.with_json_schema({"type": "object"}) is chat
+
+
+def hook_inputs(lm, sae, run):  # type: ignore[no-untyped-def]
+    """What the layer after the SAE's hook receives in the last forward pass of `run()` (the
+    prefill, when it generates one token; an earlier pass may measure the residual norm)."""
+    captured: list[torch.Tensor] = []
+    nxt = lm.model.get_submodule(f"model.layers.{sae.hook.layer + 1}")
+    handle = nxt.register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0].detach().clone()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def test_per_request_steering_moves_only_its_own_row(tiny_lm, tiny_sae) -> None:
+    feature, alpha = 5, 2.0
+    chat = LocalChat(tiny_lm, max_new_tokens=4, sae=tiny_sae)
+    plain_chat = LocalChat(tiny_lm, max_new_tokens=4)
+    assert chat.can_steer and not plain_chat.can_steer
+    prompts = ["how do I bake bread", "hack the wifi"]
+    plain = hook_inputs(tiny_lm, tiny_sae, lambda: plain_chat.complete_batch(
+        prompts, max_new_tokens=1))
+    mixed = hook_inputs(tiny_lm, tiny_sae, lambda: chat.complete_batch(
+        prompts, max_new_tokens=1, steers=[None, (feature, alpha)]))
+    rho = chat._rho
+    assert rho is not None and rho > 0
+    row = tiny_sae.sae.W_dec[feature].detach()
+    direction = alpha * rho * row / row.norm()
+    torch.testing.assert_close(mixed[0], plain[0])  # the unsteered row: untouched
+    torch.testing.assert_close(mixed[1] - plain[1], direction.expand_as(plain[1]),
+                               rtol=1e-4, atol=1e-4)
+    layer = tiny_lm.model.get_submodule(tiny_sae.hook.module)
+    assert not layer._forward_hooks and not layer._forward_pre_hooks
+
+
+def test_steered_replies_differ_and_unsteered_ones_do_not(tiny_lm, tiny_sae) -> None:
+    loads: list[int] = []
+
+    def load():  # type: ignore[no-untyped-def]
+        loads.append(1)
+        return tiny_sae
+
+    chat = LocalChat(tiny_lm, max_new_tokens=6, sae=load)
+
+    async def main() -> list[str]:
+        return list(await asyncio.gather(
+            chat.achat(*PAIRS[0], temperature=0.0, seed=0),
+            chat.achat(*PAIRS[0], temperature=0.0, seed=0, steer=(3, 4.0)),
+        ))
+
+    plain, steered = asyncio.run(main())
+    assert plain == chat.chat(*PAIRS[0]), "an unsteered reply is the same beside a steered one"
+    assert steered != plain
+    assert loads == [1], "the SAE is loaded once, on the first steered request"
+
+
+def test_per_request_steering_is_checked(tiny_lm, tiny_sae) -> None:
+    with pytest.raises(ConfigError, match="needs an SAE"):
+        asyncio.run(LocalChat(tiny_lm).achat("s", "u", temperature=0, seed=0, steer=(1, 1.0)))
+    chat = LocalChat(tiny_lm, sae=tiny_sae)
+    with pytest.raises(ConfigError, match="outside the SAE"):
+        asyncio.run(chat.achat("s", "u", temperature=0, seed=0, steer=(tiny_sae.d_sae, 1.0)))
+
+
+def test_agenerate_steers_each_request_to_its_feature(tiny_lm, tiny_sae) -> None:
+    chat = LocalChat(tiny_lm, max_new_tokens=4, sae=tiny_sae)
+    seen: list[list[object]] = []
+    run = chat._run
+
+    def spy(batch):  # type: ignore[no-untyped-def]
+        seen.append([r.steer for r in batch])
+        return run(batch)
+
+    chat._run = spy  # type: ignore[method-assign]
+    targets = [Target(feature=f, summary=f"theme {f}", spans=["bake bread"]) for f in (2, 9)]
+    samples = asyncio.run(agenerate(targets, chat, GenerateSettings(per_feature=2, steer=0.5)))
+    assert sorted(map(str, sum(seen, []))) == sorted(map(str, [(2, 0.5)] * 2 + [(9, 0.5)] * 2))
+    assert {s.provenance.generator for s in samples} == {"local:tiny+steer0.5"}
