@@ -10,7 +10,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from agent.cli import agents, measure, synth  # noqa: F401  (register the commands)
+from agent.cli import agents, compare, measure, synth  # noqa: F401  (register the commands)
 from agent.cli.common import app, err, out
 
 __all__ = ["app", "run"]

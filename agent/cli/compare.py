@@ -1,0 +1,139 @@
+"""`facsynth compare`: does synthesis help your data? (agent/compare.py has the protocol)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from agent.cli.common import (
+    GeneratorOpt,
+    ModelOpt,
+    SaeOpt,
+    app,
+    err,
+    one_line_errors,
+    out,
+    save,
+    writable,
+)
+from tools.errors import ConfigError
+
+
+def parse_assignments(text: str, flag: str) -> dict[str, Any]:
+    """"a.b=1,c=off" -> {"a": {"b": 1}, "c": "off"} (values as JSON when they parse)."""
+    result: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, raw = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {text!r}: expected key=value[,key=value], e.g. "
+                              "negatives=0,label_gate.judge=off")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = key.strip().split(".")
+        node = result
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return result
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    name, sep, rest = text.partition(":")
+    if not sep or not name.strip():
+        raise ConfigError(f"--variant {text!r}: expected NAME:key=value[,key=value], e.g. "
+                          "fac-nogate:label_gate.judge=off")
+    return name.strip(), parse_assignments(rest, "--variant")
+
+
+@app.command()
+def compare(
+    anchor: Annotated[Path, typer.Option(help="labelled rows of the task (JSONL/CSV/Parquet)")],
+    eval: Annotated[Path | None, typer.Option(
+        "--eval", help="held-out labelled rows; default: a fixed, group-aware 25% of --anchor")
+    ] = None,
+    also_eval: Annotated[list[Path] | None, typer.Option(
+        help="another labelled set to score every detector on (a second distribution); "
+        "repeatable")] = None,
+    methods: Annotated[str, typer.Option(
+        help="comma list: seed, full, fac, random, self-instruct, evol-instruct, magpie and "
+        "--variant names")] = "seed,full,fac,random,self-instruct,evol-instruct,magpie",
+    variant: Annotated[list[str] | None, typer.Option(
+        help="NAME:key=value,... fac with other loop settings, e.g. "
+        "'fac-nogate:label_gate.judge=off' (add NAME to --methods); repeatable")] = None,
+    loop: Annotated[str, typer.Option(
+        "--set", help="loop settings for fac and every variant, key=value,... e.g. "
+        "'negatives=0.5,hosts=true'")] = "",
+    labels: Annotated[str, typer.Option(
+        help="seed: only the seed's labels are known (reference: seed); anchor: the anchor's "
+        "labels are known to every method (reference: full)")] = "seed",
+    budget: Annotated[int, typer.Option(help="rows every synthetic method adds (kept)")] = 100,
+    seeds: Annotated[int, typer.Option(help="seed sets (>= 5 for a paired 95% interval "
+                                       "worth reading)")] = 5,
+    seed_frac: Annotated[float, typer.Option(help="share of the pool in each seed set")] = 0.1,
+    rounds: Annotated[int, typer.Option(help="fac: improve rounds")] = 2,
+    top: Annotated[int, typer.Option(help="fac: features targeted per round")] = 50,
+    request_factor: Annotated[float, typer.Option(
+        help="every synthetic method stops after budget x this many requests")] = 3.0,
+    synthetic_share: Annotated[float | None, typer.Option(
+        help="added rows get this share of each class's detector weight (default: same "
+        "weight as real rows)")] = None,
+    detector: Annotated[str, typer.Option(help="probe (fast) or lora")] = "probe",
+    model: ModelOpt = None,
+    sae: SaeOpt = None,
+    generator: GeneratorOpt = None,
+    work: Annotated[Path, typer.Option(
+        help="cache of generated sets and per-seed results (a rerun resumes)")
+    ] = Path("compare-work"),
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the result here")] = None,
+    report: Annotated[Path | None, typer.Option(help="write an HTML report (table + plot)")
+                      ] = None,
+) -> None:
+    """Train the same detector on the seed set plus each method's rows, over several seeds,
+    and report held-out AUPRC with paired differences against the reference, FAC (binary
+    and graded) of every training set, and the label agreement of the added rows."""
+    from agent.compare import CompareSettings, run_compare
+    from agent.compare_report import html_report, table
+    from agent.runs import build_settings, validated
+    from tools.detector import DetectorSettings
+
+    with one_line_errors():
+        writable(json_out, "--json")
+        writable(report, "--report")
+        variants = dict(parse_variant(v) for v in variant or [])
+        settings = validated(
+            CompareSettings, "compare options", methods=[m.strip() for m in methods.split(",")
+                                                         if m.strip()],
+            variants=variants, loop=parse_assignments(loop, "--set"), labels=labels,
+            budget=budget, seeds=seeds, seed_frac=seed_frac, rounds=rounds, top=top,
+            request_factor=request_factor, synthetic_share=synthetic_share,
+            detector=validated(DetectorSettings, "--detector", kind=detector))
+        settings.check()
+        if seeds < 5:
+            err.print(f"[yellow]note:[/] {seeds} seeds: the paired interval is wide; use 5+")
+        app_settings = build_settings(model=model, sae=sae, generator=generator)
+        status = err.status("starting", spinner="dots")
+
+        def progress(what: str) -> None:
+            status.update(what)
+
+        def seed_done(s: int, got: list[Any]) -> None:
+            err.print(f"seed {s}: " + ", ".join(
+                f"{r.method} {100 * r.metrics.auprc:.1f}" for r in got))
+
+        with status:
+            result = run_compare(anchor, settings, work=work, eval_path=eval,
+                                 also=also_eval or [], app_settings=app_settings,
+                                 progress=progress, on_seed=seed_done)
+        out.print(table(result))
+        out.print(f"Spearman(graded FAC, AUPRC) = {result.spearman_graded_auprc:.2f}; "
+                  f"binary {result.spearman_fac_auprc:.2f}. External knowledge: "
+                  + "; ".join(result.external))
+    if json_out:
+        save(json_out, result.model_dump_json(indent=1))
+    if report:
+        save(report, html_report(result))

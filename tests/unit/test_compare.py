@@ -1,0 +1,96 @@
+"""`facsynth compare`: the statistics, the protocol helpers, and one whole run on the tiny
+model (in-process generation: its replies are noise, the bookkeeping must still hold)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from agent.cli import app
+from agent.cli.compare import parse_assignments, parse_variant
+from agent.compare import CompareSettings, pseudo_labels
+from tests.unit.test_cli import EXAMPLES, parts, run  # noqa: F401  (fixture)
+from tools.errors import ConfigError
+from tools.paired import paired_diff
+
+
+def test_paired_diff_interval_is_the_t_interval_of_the_differences() -> None:
+    d = paired_diff([0.6, 0.62, 0.61, 0.65, 0.6], [0.58, 0.6, 0.6, 0.6, 0.59])
+    diffs = np.array([0.02, 0.02, 0.01, 0.05, 0.01])
+    assert d.mean == pytest.approx(diffs.mean()) and d.n == 5
+    half = 2.776 * diffs.std(ddof=1) / np.sqrt(5)  # t(0.975, 4) = 2.776
+    assert d.low == pytest.approx(diffs.mean() - half, abs=1e-3) and d.above_zero
+    assert d.describe().startswith("+2.2 [")
+    one = paired_diff([0.5], [0.4])
+    assert one.low == one.high == pytest.approx(0.1) and "n=1" in one.describe()
+    with pytest.raises(ValueError):
+        paired_diff([0.1, 0.2], [0.1])
+
+
+def test_pseudo_labels_keep_seed_rows_and_match_the_seed_rate() -> None:
+    scores = np.linspace(0, 1, 20)
+    labels = pseudo_labels(scores, seed_rows=[0, 19], seed_labels=[1, 0])
+    assert labels[0] == 1 and labels[19] == 0  # the seed's real labels win
+    assert sum(labels[1:19]) == 9  # top half of the others (seed rate 0.5)
+    assert all(labels[i] <= labels[i + 1] for i in range(1, 18))
+
+
+def test_assignments_and_variants_parse_nested_json_values() -> None:
+    assert parse_assignments("negatives=0,label_gate.judge=off,hosts=true", "--set") == {
+        "negatives": 0, "label_gate": {"judge": "off"}, "hosts": True}
+    assert parse_variant("fac-nogate:label_gate.judge=off") == (
+        "fac-nogate", {"label_gate": {"judge": "off"}})
+    for bad in ("nonsense", "=3"):
+        with pytest.raises(ConfigError, match="key=value"):
+            parse_assignments(bad, "--set")
+    with pytest.raises(ConfigError, match="NAME:"):
+        parse_variant("no-colon")
+
+
+def test_settings_refuse_unknown_methods_and_bad_variant_settings() -> None:
+    with pytest.raises(ConfigError, match="unknown methods bogus"):
+        CompareSettings(methods=["seed", "bogus"]).check()
+    with pytest.raises(ConfigError, match="clash"):
+        CompareSettings(variants={"fac": {}}).check()
+    with pytest.raises(ConfigError, match="budget"):
+        CompareSettings(methods=["x"], variants={"x": {"budget": 0}}).check()
+    assert CompareSettings(labels="anchor").reference == "full"
+
+
+def test_compare_end_to_end_equal_kept_and_paired(parts, tmp_path, monkeypatch) -> None:  # noqa: F811
+    # a lenient label judge, so the random tiny SAE has task features the seed misses
+    (tmp_path / "facsynth.toml").write_text(
+        "[judge]\nmin_support = 1\nmin_support_frac = 0.0\nmin_log_odds = 0.5\n")
+    args = ["compare", "--anchor", str(EXAMPLES / "anchor.jsonl"), "--methods",
+            "seed,full,fac,fac-pos,random", "--variant", "fac-pos:negatives=0",
+            "--budget", "2", "--seeds", "2", "--seed-frac", "0.3", "--rounds", "1",
+            "--generator", "local", "--work", "w", "--json", "out.json", "--report", "r.html"]
+    res = run(parts, tmp_path, monkeypatch, *args)
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["protocol"] == "seed" and out["reference"] == "seed"
+    methods = out["methods"]
+    assert set(methods) == {"seed", "full", "fac", "fac-pos", "random"}
+    for name in ("fac", "fac-pos", "random"):  # equal kept budgets per seed
+        assert methods[name]["n_added"] == np.mean(out["kept"])
+        assert methods[name]["paired"]["n"] == 2
+    assert methods["seed"]["paired"] is None and methods["seed"]["n_added"] == 0
+    assert methods["full"]["n_train"] > methods["seed"]["n_train"]
+    assert 0 <= methods["seed"]["fac_graded"] <= 1
+    assert "compare (seed protocol" in res.output
+    assert "data:image/png;base64," in (tmp_path / "r.html").read_text()
+    # a rerun reads every seed from the work folder
+    again = run(parts, tmp_path, monkeypatch, *args)
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "out.json").read_text())["methods"] == methods
+
+
+def test_compare_bad_flags_are_one_line_errors(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["compare", "--anchor", "nope.jsonl", "--methods", "seed,zz"])
+    assert res.exit_code == 2 and "unknown methods zz" in res.output
+    res = CliRunner().invoke(app, ["compare", "--anchor", "nope.jsonl", "--budget", "0"])
+    assert res.exit_code == 2 and "budget" in res.output
