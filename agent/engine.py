@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -68,6 +68,7 @@ class Engine:
         self, ws: Workspace, anchor: TextDataset, eval_set: TextDataset | None, llm: EngineLLM,
         *, detector: DetectorSettings | None = None, relevance: Relevance = "label",
         seed: int = 0, progress: ProgressFor | None = None,
+        describe: Literal["llm", "spans"] = "llm",
     ) -> None:
         self.ws = ws
         self.anchor = anchor
@@ -76,6 +77,7 @@ class Engine:
         self.detector = detector or DetectorSettings()
         self.relevance = relevance
         self.seed = seed
+        self.describe = describe
         self.progress = progress or (lambda what, total: None)
         self._llm_agreement: float | None = None  # the LLM label judge's, measured once
         self._reference: tuple[str, Any] | None = None  # (path, probe fit on it)
@@ -99,7 +101,8 @@ class Engine:
         return error_features(self.ws, self.anchor, model_dir, limit, self._model_folder())
 
     def interpret(self, report: CoverageReport, limit: int) -> Interpreted:
-        return interpret_missing(report, self.llm, self.ws, limit=limit, relevance=self.relevance)
+        return interpret_missing(report, self.llm, self.ws, limit=limit, relevance=self.relevance,
+                                 describe=self.describe)
 
     def generate(self, targets: Sequence[Target], settings: GenerateSettings, skip: set[int],
                  on_sample: Callable[[Sample], None]) -> list[Sample]:

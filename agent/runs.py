@@ -149,7 +149,8 @@ def loop_graph(
             if llm is None:
                 llm = stack.enter_context(open_llm(ws.settings, run, ws))
             engine = Engine(ws, anchor, ev, llm, detector=cfg.detector,
-                            relevance=cfg.relevance, seed=cfg.loop.seed, progress=progress)
+                            relevance=cfg.relevance, seed=cfg.loop.seed, progress=progress,
+                            describe=cfg.loop.describe)
         steps = Steps(run, engine, cfg.loop, data, before=before, on_round=on_round)
         yield build(steps, checkpointer(run) if checkpoint else None)
 

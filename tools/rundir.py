@@ -101,6 +101,10 @@ class LoopSettings(BaseModel):
         "direction (tools/local_llm.py); local generator only; 0: off. On smollm2-135m 0.25 "
         "doubled how often the target fired in replies, 0.5 began to garble them, 1 did")
     temperature: float = Field(0.8, ge=0, le=2)
+    describe: Literal["llm", "spans"] = Field(
+        "llm", description="how targeted features are described to the generator: llm "
+        "(a summary the LLM writes, remembered; small LLMs often fail and fall back to the top "
+        "span after three attempts), spans (the strongest anchor span, no LLM call: fast)")
     label_gate: LabelGateSettings = Field(
         default_factory=LabelGateSettings,
         description="how kept samples' labels are checked before they join the data")

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -76,13 +77,20 @@ def interpret_missing(
     limit: int = 10,
     relevance: Relevance = "label",
     score_with: tuple[Sequence[str], SpanFn] | None = None,
+    describe: Literal["llm", "spans"] = "llm",
 ) -> Interpreted:
     """Summaries (feature memory first, else the LLM) for the top `limit` missing features;
     LLM relevance verdicts unless `relevance == "label"`; detection scores when `score_with`
-    = (anchor texts, held-out span finder) is given. Everything learnt goes to memory."""
+    = (anchor texts, held-out span finder) is given. Everything learnt goes to memory.
+    `describe="spans"` asks the LLM nothing: features without a remembered summary are
+    described by their strongest span (a 135M generator fails most summaries after three
+    long attempts each, the slowest part of a round on CPU)."""
     missing = report.missing[:limit]
     spans = {m.feature: m.spans for m in missing}
-    records = interpret_features(spans, client, ws.memory, skip_failures=True)
+    if describe == "llm":
+        records = interpret_features(spans, client, ws.memory, skip_failures=True)
+    else:
+        records = {f: r for f, r in ws.memory.get_many(list(spans)).items() if r.interpretable}
     updated: list[FeatureRecord] = []
     for f, rec in records.items():
         changed = False

@@ -40,6 +40,17 @@ def test_generation_sees_this_anchors_spans_not_the_remembered_ones() -> None:
     assert target.spans == ["steal a car", "shoplift shoes"]
 
 
+def test_describe_by_spans_asks_the_llm_nothing_but_uses_memory() -> None:
+    memory = InMemoryFeatureMemory(bag_of_words)
+    two = report("steal a car", "shoplift shoes")
+    two.missing.append(two.missing[0].model_copy(update={"feature": 9}))
+    memory.put_many([FeatureRecord(feature=9, summary="theft", confidence=0.9, spans=["x"])])
+    found = interpret_missing(two, ScriptedChat(), MemoryOnlyWorkspace(memory), limit=2,
+                              describe="spans")  # ScriptedChat() fails on any call
+    by = {t.feature: t.summary for t in found.targets}
+    assert by == {7: 'text like "steal a car"', 9: "theft"}
+
+
 @pytest.mark.parametrize(("weights", "total", "cap", "want"), [
     ([10, 5, 1], 16, 8, [8, 7, 1]),     # proportional, the capped share goes to the others
     ([1, 1, 1, 1], 6, 8, [2, 2, 1, 1]),  # even weights: even spread, earlier features first
