@@ -323,8 +323,10 @@ class Comparison:
         from tools.baselines import BaselineSettings, magpie_prefix, synthesize
 
         prefix = magpie_prefix(self.ws.model.tokenizer) if method == "magpie" else None
+        concurrency = self.s.loop_for("fac", s).concurrency  # the same as fac's
         bs = BaselineSettings(seed=s, magpie_prefix=prefix, max_tokens=96,
-                              max_requests_factor=self.s.request_factor)
+                              max_requests_factor=self.s.request_factor,
+                              concurrency=concurrency)
         return synthesize(method, seeds=examples, budget=self.s.budget,  # type: ignore[arg-type]
                           client=self.llm, settings=bs)
 

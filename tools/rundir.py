@@ -101,6 +101,9 @@ class LoopSettings(BaseModel):
         "direction (tools/local_llm.py); local generator only; 0: off. On smollm2-135m 0.25 "
         "doubled how often the target fired in replies, 0.5 began to garble them, 1 did")
     temperature: float = Field(0.8, ge=0, le=2)
+    concurrency: int = Field(
+        8, ge=1, description="generation requests in flight at once (a local or vLLM "
+        "generator batches them: more is faster on CPU, up to ~32)")
     describe: Literal["llm", "spans"] = Field(
         "llm", description="how targeted features are described to the generator: llm "
         "(a summary the LLM writes, remembered; small LLMs often fail and fall back to the top "

@@ -243,6 +243,11 @@ def improve(
                                    "feature, in residual norms (0.25 helps on smollm2-135m; "
                                    "0.5+ garbles text); 0: off [default: 0]")
     ] = None,
+    describe: Annotated[
+        str | None, typer.Option(help="llm: the LLM summarises each targeted feature; spans: "
+                                 "its strongest anchor span, no LLM call (fast; for small "
+                                 "generators) [default: llm]")
+    ] = None,
     epsilon: Annotated[float, typer.Option(help="stop when FAC gains less than this")] = 0.01,
     patience: Annotated[
         int, typer.Option(help="stop after this many rounds without a better AUPRC")
@@ -298,7 +303,7 @@ def improve(
                                seed=seed, per_feature=per_feature, epsilon=epsilon,
                                patience=patience, focus=focus, **_share(synthetic_share),
                                **_given(max_per_feature=max_per_feature, negatives=negatives,
-                                        hosts=hosts, steer=steer),
+                                        hosts=hosts, steer=steer, describe=describe),
                                label_gate=validated(
                                    LabelGateSettings, what, judge=label_gate,
                                    reference=_reference(label_reference))),
