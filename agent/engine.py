@@ -176,7 +176,8 @@ class Engine:
                 x = self.ws.probe(_texts(texts, "detector")).pooled()
                 x_real = self.ws.probe(_texts(self.anchor.texts, "detector")).pooled()
             scores, real = rank_average([(scores, real), (score(ref, x), score(ref, x_real))])
-        return consistent(scores, claimed, real, self.anchor.labels or [], gate.quantile)
+        return consistent(scores, claimed, real, self.anchor.labels or [], gate.quantile,
+                          gate.negative_quantile)
 
     def _reference_probe(self, path: str) -> Any:
         """A probe detector fit on the labelled rows in `path` (once per engine)."""

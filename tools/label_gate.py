@@ -60,6 +60,13 @@ class LabelGateSettings(BaseModel):
     quantile: float = Field(
         0.25, ge=0, le=0.5, description="label 1 needs a score >= this quantile of the real "
         "positives' scores; label 0 a score <= the (1 - this) quantile of the negatives'")
+    negative_quantile: float | None = Field(
+        0.05, ge=0, le=0.5, description="label 0 instead needs a score <= the (1 - this) "
+        "quantile of the real negatives' (None: `quantile`). Hard negatives fire features of "
+        "the positive class, so they score high by design: asked to look like a typical "
+        "negative, the gate kept only easy ones (ToxicChat dev, seed 0: every label-0 sample "
+        "that hit its feature was disputed at 0.25); 0.05 lets them be as hard as the "
+        "hardest 5% of real negatives")
     min_agreement: float = Field(
         0.7, ge=0, le=1, description="llm/both: the LLM judge's balanced accuracy on real "
         "anchor rows must reach this, else the detector judges alone")
@@ -90,9 +97,11 @@ def is_refusal(text: str) -> bool:
 def consistent(
     scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
     real_scores: Sequence[float] | np.ndarray, real_labels: Sequence[int], quantile: float,
+    negative_quantile: float | None = None,
 ) -> np.ndarray:
     """[n] bool: each sample's score lies inside the range of real rows of its label (see
-    the module doc). A label the real rows never carry cannot be checked: DataError."""
+    the module doc); label 0 uses `negative_quantile` when given. A label the real rows
+    never carry cannot be checked: DataError."""
     s, y = np.asarray(scores, dtype=float), np.asarray(labels)
     rs, ry = np.asarray(real_scores, dtype=float), np.asarray(real_labels)
     ok = np.zeros(len(s), dtype=bool)
@@ -107,7 +116,8 @@ def consistent(
         if label == 1:
             ok[mine] = s[mine] >= np.quantile(real, quantile)
         else:
-            ok[mine] = s[mine] <= np.quantile(real, 1 - quantile)
+            q = quantile if negative_quantile is None else negative_quantile
+            ok[mine] = s[mine] <= np.quantile(real, 1 - q)
     return ok
 
 

@@ -236,3 +236,12 @@ def test_reference_needs_labels(tmp_path: Path) -> None:
     gate = LabelGateSettings(reference=str(tmp_path / "ref.jsonl"))
     with pytest.raises(DataError):
         engine.label_check(SAMPLES[:1], model, gate)
+
+
+def test_negatives_may_be_as_hard_as_the_hardest_real_negatives() -> None:
+    real = np.linspace(0, 1, 101)  # negatives' scores 0..0.5, positives' 0.5..1
+    labels = [0] * 51 + [1] * 50
+    sample = [0.45]  # a hard negative: above the negatives' 75th percentile (0.375)
+    assert not consistent(sample, [0], real, labels, 0.25)[0]
+    assert consistent(sample, [0], real, labels, 0.25, negative_quantile=0.05)[0]
+    assert consistent([0.499], [0], real, labels, 0.25, negative_quantile=0.0)[0]  # the max
