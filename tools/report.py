@@ -117,15 +117,17 @@ def _summaries(rounds: Sequence[RoundRecord]) -> dict[int, str]:
 
 
 def _feature_totals(rounds: Sequence[RoundRecord]) -> dict[int, FeatureHits]:
-    """Per-feature generated/activated/kept summed over all rounds."""
-    acc: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
+    """Per-feature generated/activated/kept/disputed summed over all rounds."""
+    acc: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for r in rounds:
         for f, h in r.per_feature.items():
             a = acc[f]
             a[0] += h.generated
             a[1] += h.activated
             a[2] += h.kept
-    return {f: FeatureHits(generated=g, activated=a, kept=k) for f, (g, a, k) in acc.items()}
+            a[3] += h.disputed
+    return {f: FeatureHits(generated=g, activated=a, kept=k, disputed=d)
+            for f, (g, a, k, d) in acc.items()}
 
 
 def _round_view(
