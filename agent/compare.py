@@ -122,9 +122,47 @@ class CompareSettings(BaseModel):
         return validated(LoopSettings, f"compare loop settings of {method}", **base)
 
 
+class LoopStats(BaseModel):
+    """What a fac run did before the cut to equal budgets, summed over seeds."""
+
+    requests: int
+    hits: int = Field(description="samples whose target feature fired")
+    kept: int
+    disputed: int = Field(description="hits the label gate dropped")
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def gate_pass_rate(self) -> float:
+        checked = self.kept + self.disputed
+        return self.kept / checked if checked else 0.0
+
+
+def loop_stats(folder: Path, method: str, seeds: int) -> LoopStats | None:
+    """Requests, hits, kept and disputed of a fac method's runs (None: not a fac run)."""
+    from tools.rundir import History
+
+    total = LoopStats(requests=0, hits=0, kept=0, disputed=0)
+    found = False
+    for s in range(seeds):
+        run = folder / f"s{s}" / method
+        if not RunPaths(run).history.exists():
+            continue
+        found = True
+        for r in History.load(run).rounds[1:]:
+            total.requests += r.generated
+            total.kept += r.kept
+            total.disputed += r.disputed
+            total.hits += sum(h.activated for h in r.per_feature.values())
+    return total if found else None
+
+
 class MethodResult(BaseModel):
     n_train: float
     n_added: float
+    loop: LoopStats | None = Field(None, description="fac methods: requests, hits, gate")
     fac: float
     fac_graded: float
     auprc_mean: float
@@ -437,6 +475,8 @@ def run_compare(
             if on_seed:
                 on_seed(s, got)
     methods = summarize(rows, settings, kept)
+    for name, m in methods.items():
+        m.loop = loop_stats(folder, name, settings.seeds)
     return CompareResult(
         protocol=settings.labels, reference=settings.reference,
         rule="every synthetic method requested until budget rows passed its own filters "

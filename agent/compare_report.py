@@ -12,7 +12,7 @@ from rich.table import Table
 from agent.compare import CompareResult
 
 COLUMNS = ("method", "n train", "added", "FAC", "graded FAC", "AUPRC", "AUROC", "vs ref (paired)",
-           "label agree")
+           "label agree", "hit rate", "gate pass")
 
 
 def rows(result: CompareResult) -> list[list[str]]:
@@ -23,6 +23,8 @@ def rows(result: CompareResult) -> list[list[str]]:
             f"{100 * m.auprc_mean:.1f} ± {100 * m.auprc_std:.1f}", f"{100 * m.auroc_mean:.1f}",
             m.paired.describe() if m.paired else "reference" if name == result.reference else "",
             f"{m.label_agreement:.0%}" if m.label_agreement is not None else "",
+            f"{m.loop.hit_rate:.0%} of {m.loop.requests}" if m.loop else "",
+            f"{m.loop.gate_pass_rate:.0%} of {m.loop.kept + m.loop.disputed}" if m.loop else "",
         ])
     return out
 

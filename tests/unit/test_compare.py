@@ -78,6 +78,7 @@ def test_compare_end_to_end_equal_kept_and_paired(parts, tmp_path, monkeypatch) 
         assert methods[name]["n_added"] == np.mean(out["kept"])
         assert methods[name]["paired"]["n"] == 2
     assert methods["seed"]["paired"] is None and methods["seed"]["n_added"] == 0
+    assert methods["fac"]["loop"]["requests"] > 0 and methods["random"]["loop"] is None
     assert methods["full"]["n_train"] > methods["seed"]["n_train"]
     assert 0 <= methods["seed"]["fac_graded"] <= 1
     assert "compare (seed protocol" in res.output
