@@ -34,6 +34,7 @@ rows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -236,6 +237,19 @@ def pseudo_labels(scores: np.ndarray, seed_rows: Sequence[int] | np.ndarray,
     labels = (scores >= cut).astype(int)
     labels[list(seed_rows)] = list(seed_labels)
     return [int(x) for x in labels]
+
+
+class LazyOpen:
+    """Stands for an LLM client that `opener()` makes on first attribute access."""
+
+    def __init__(self, opener: Callable[[], Any]) -> None:
+        self._opener = opener
+        self._client: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            self._client = self._opener()
+        return getattr(self._client, name)
 
 
 class Comparison:
@@ -466,7 +480,10 @@ def run_compare(
     ws = Workspace(app)
     rows: list[Row] = []
     kept: list[int] = []
-    with open_llm(app, folder, ws) as llm:
+    with contextlib.ExitStack() as stack:
+        # the LLM (a vLLM server takes minutes to start) opens only when something is not
+        # cached yet: a rerun that only re-scores never starts it
+        llm = LazyOpen(lambda: stack.enter_context(open_llm(app, folder, ws)))
         comp = Comparison(ws, llm, pool, ev, settings, folder, extra, progress)
         for s in range(settings.seeds):
             got = comp.run_seed(s)
