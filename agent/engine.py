@@ -12,6 +12,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from tools.adapted import PROMPT as ADAPTED_PROMPT
+from tools.adapted import AdaptedChat, adapted_client
 from tools.coverage import CoverageReport, MissingFeature
 from tools.data import TextDataset, load_texts
 from tools.detector import (
@@ -24,6 +26,7 @@ from tools.detector import (
     train_probe_detector,
 )
 from tools.focus import error_features
+from tools.generate import PROMPT as GENERATE_PROMPT
 from tools.generate import AsyncChatClient, GenerateSettings, Target, agenerate, plan_requests
 from tools.interpret import ChatClient
 from tools.label_gate import (
@@ -81,6 +84,7 @@ class Engine:
         self.progress = progress or (lambda what, total: None)
         self._llm_agreement: float | None = None  # the LLM label judge's, measured once
         self._reference: tuple[str, Any] | None = None  # (path, probe fit on it)
+        self._adapted: AdaptedChat | None = None  # the adapted generator, built once
 
     def probe(self, texts: Sequence[str]) -> None:
         todo = [self.anchor.texts, list(texts)]
@@ -107,8 +111,15 @@ class Engine:
     def generate(self, targets: Sequence[Target], settings: GenerateSettings, skip: set[int],
                  on_sample: Callable[[Sample], None]) -> list[Sample]:
         """The targets' samples; with `settings.hosts`, each request rewrites a real anchor
-        row of its label (short enough for a reply of max_new_tokens, ~4 characters each)."""
+        row of its label (short enough for a reply of max_new_tokens, ~4 characters each).
+        `settings.generator == "adapted"`: the anchor's adapted model writes them instead
+        (trained on first use, then cached; hosts do not apply)."""
         requests = plan_requests(targets, settings)
+        client: AsyncChatClient = self.llm
+        prompt = GENERATE_PROMPT
+        if settings.generator == "adapted":
+            client, prompt = self._adapted_client(), ADAPTED_PROMPT
+            settings = settings.model_copy(update={"hosts": False})
         hosts = None
         if settings.hosts:
             max_chars = min(HOST_MAX_CHARS, 4 * self.ws.settings.max_new_tokens)
@@ -121,8 +132,23 @@ class Engine:
             if bar:
                 bar(1)
 
-        return asyncio.run(agenerate(targets, self.llm, settings, skip=skip, on_sample=seen,
-                                     hosts=hosts))
+        return asyncio.run(agenerate(targets, client, settings, skip=skip, on_sample=seen,
+                                     hosts=hosts, prompt=prompt))
+
+    def _adapted_client(self) -> AdaptedChat:
+        """The anchor's adapted generator, built once per engine (the adapter itself is
+        cached under the workspace's home, keyed by model, anchor rows and settings)."""
+        if self._adapted is None:
+            bar: Progress | None = None
+
+            def step(done: int, total: int) -> None:
+                nonlocal bar
+                bar = bar or self.progress("adapting the generator", total)
+                if bar:
+                    bar(1)
+
+            self._adapted = adapted_client(self.ws, self.anchor, progress=step)
+        return self._adapted
 
     def verify(self, samples: Sequence[Sample], existing: Sequence[str]) -> VerifyReport:
         return verify_samples(self.ws, self.anchor, _texts(existing, "data"), samples)

@@ -169,7 +169,8 @@ class Steps:
         return GenerateSettings(per_feature=state.get("per_feature", self.loop.per_feature),
                                 round=r, temperature=self.loop.temperature,
                                 seed=self.loop.seed * 1000 + r, hosts=self.loop.hosts,
-                                steer=self.loop.steer, concurrency=self.loop.concurrency)
+                                steer=self.loop.steer, concurrency=self.loop.concurrency,
+                                generator=self.loop.generator)
 
     def _jobs(self, state: LoopState) -> tuple[list[Target], list[int]]:
         """The round's targets and its request seeds, in order: the one list generate

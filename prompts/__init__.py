@@ -5,6 +5,9 @@ Text that comes from a dataset (rows, spans) or from an LLM that read it (summar
 untrusted: a row may say "ignore your instructions". Templates pass every such value through
 the `data` filter, which fences it as `<data>...</data>` (defusing any such tag inside it),
 and each prompt says that fenced text is data, never instructions (`DATA_RULE`).
+A raw completion prompt for a model trained on it (no instructions to override:
+`generate_adapted.v1`) is not fenced; its values go through `oneline` instead, so one
+cannot add a line to its layout.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ def fence(text: object) -> str:
     return OPEN + _TAG.sub(lambda m: m.group(0).replace("<", "\u2039"), str(text)) + CLOSE
 
 
+def oneline(text: object) -> str:
+    """`text` on one line: every run of whitespace (newlines included) becomes one space.
+    For raw completion prompts (no instructions, so no fence), where a value with a newline
+    could otherwise forge a line of the layout, e.g. "Label: harmless"."""
+    return " ".join(str(text).split())
+
+
 def unfence(text: str) -> str:
     """`text` without data tags (a small model may echo the fence into its reply)."""
     return _TAG.sub("", text)
@@ -41,6 +51,7 @@ def _env():  # type: ignore[no-untyped-def]
         loader=FileSystemLoader(PROMPT_DIR), undefined=StrictUndefined, keep_trailing_newline=True
     )
     env.filters["data"] = fence
+    env.filters["oneline"] = oneline
     env.globals["data_rule"] = DATA_RULE
     return env
 

@@ -242,7 +242,7 @@ class ProbeDetector:
 # --- lora: LoRA sequence classification on the causal LM -------------------------------
 
 
-def _autocast(device: torch.device) -> Any:
+def autocast_for(device: torch.device) -> Any:
     import contextlib
 
     import torch
@@ -289,7 +289,7 @@ def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[lis
     return [list(row) if len(row) else [fallback] for row in ids]
 
 
-def _collate(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_ids(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
     width = max(len(r) for r in rows)
@@ -301,7 +301,7 @@ def _collate(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def _train_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+def length_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """Shuffled batches of similar length (less padding): shuffle, sort within chunks of
     50 batches, cut, shuffle the batches (like transformers' group_by_length)."""
     order = list(range(len(lengths)))
@@ -313,6 +313,36 @@ def _train_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) 
         batches += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def attach_lora(
+    base: Any, config: Any, device: torch.device, seed: int
+) -> tuple[Any, list[torch.nn.Parameter]]:
+    """(peft model with fresh adapters from `config` over `base`, seeded, on `device`; its
+    trainable parameters), those in fp32: optimizer state and updates stay fp32 even over
+    bf16 weights."""
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)  # the adapters' initialisation
+    model = get_peft_model(base, config)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return model, params
+
+
+def adamw_linear_decay(
+    params: Sequence[torch.nn.Parameter], lr: float, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no weight decay) at `lr`, decaying linearly towards 0 over `total_steps`."""
+    import torch
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 1.0 - step / total_steps)
+    return optimizer, scheduler
 
 
 class LoraDetector:
@@ -354,10 +384,10 @@ class LoraDetector:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode(), _autocast(device):
+            with torch.inference_mode(), autocast_for(device):
                 for start in range(0, len(order), self.settings.batch_size):
                     idx = order[start : start + self.settings.batch_size]
-                    x, mask = _collate([ids[i] for i in idx], self.tokenizer.pad_token_id)
+                    x, mask = collate_ids([ids[i] for i in idx], self.tokenizer.pad_token_id)
                     logits = self.model(
                         input_ids=x.to(device), attention_mask=mask.to(device)
                     ).logits
@@ -390,7 +420,7 @@ def train_lora_detector(
     """Fine-tune LoRA adapters + a 2-way head with class-balanced cross-entropy, or
     cross-entropy weighted by `sample_weight` ([n], e.g. `row_weights`)."""
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType
 
     from tools.models import pick_device
 
@@ -409,12 +439,7 @@ def train_lora_detector(
         lora_dropout=s.lora_dropout,
         target_modules=list(s.lora_targets),
     )
-    torch.manual_seed(seed)  # the adapters' initialisation
-    model = get_peft_model(base, config)
-    model.to(dev)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:  # optimizer state and updates in fp32 even over bf16 weights
-        p.data = p.data.float()
+    model, params = attach_lora(base, config, dev, seed)
 
     ids = _tokenize(tokenizer, texts, s.max_length)
     counts = np.bincount(labels, minlength=2)
@@ -427,20 +452,19 @@ def train_lora_detector(
         row_weights(labels) if sample_weight is None else sample_weight, dtype=np.float32))
     mean_w = float(w_rows.mean())
     loss_fn = torch.nn.CrossEntropyLoss(reduction="none")
-    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
     rng = random.Random(seed)
     steps_per_epoch = math.ceil(len(ids) / s.batch_size)
     total = steps_per_epoch * s.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
+    optimizer, scheduler = adamw_linear_decay(params, s.lr, total)
     y_t = torch.from_numpy(labels)
     lengths = [len(r) for r in ids]
     done = 0
     model.train()
     for epoch in range(s.epochs):
         running = 0.0
-        for batch in _train_batches(lengths, s.batch_size, rng):
-            x, mask = _collate([ids[i] for i in batch], tokenizer.pad_token_id)
-            with _autocast(dev):
+        for batch in length_batches(lengths, s.batch_size, rng):
+            x, mask = collate_ids([ids[i] for i in batch], tokenizer.pad_token_id)
+            with autocast_for(dev):
                 logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev)).logits
             w = w_rows[batch].to(dev)
             per_row = loss_fn(logits.float(), y_t[batch].to(dev))

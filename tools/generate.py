@@ -21,7 +21,7 @@ import logging
 import random
 import re
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
-from typing import NamedTuple, Protocol, cast
+from typing import Literal, NamedTuple, Protocol, cast
 
 from pydantic import BaseModel, Field
 
@@ -85,6 +85,10 @@ class GenerateSettings(SamplingSettings):
                         "(the caller passes them to agenerate as `hosts`)")
     steer: float = Field(0.0, ge=0, description="steer each reply towards its target feature "
                          "with this scale (tools/local_llm.py says the unit); 0: off")
+    generator: Literal["prompted", "adapted"] = Field(
+        "prompted", description="prompted: an instruction LLM asked with the prompt file; "
+        "adapted: the anchor's LoRA-adapted model (tools/adapted.py) continues a raw "
+        "completion prompt; the caller picks the client and prompt (agenerate's `prompt`)")
 
 
 PREAMBLE = re.compile(
@@ -170,12 +174,15 @@ async def agenerate(
     skip: Container[int] = (),
     on_sample: Callable[[Sample], None] | None = None,
     hosts: Mapping[int, str] | None = None,
+    prompt: str = PROMPT,
 ) -> list[Sample]:
     """The samples of `plan_requests(targets, settings)`, in that order, leaving out
     requests whose seed is in `skip` (already done by an interrupted run). `on_sample` sees
     each sample as soon as it arrives (the loop journals it). `hosts` maps a request's seed
     to the real row it rewrites (tools/synthesis.py `assign_hosts`; needed when
-    `settings.hosts`); a target's own `host` wins. Each sample's label is its target's."""
+    `settings.hosts`); a target's own `host` wins. Each sample's label is its target's.
+    `prompt` names the prompt file rendered per request (with the target's summary, spans,
+    label, host and the request's k)."""
     settings = settings or GenerateSettings()
     if settings.hosts and hosts is None:
         raise ConfigError("hosts=True but no host rows were given: pass hosts= "
@@ -199,14 +206,14 @@ async def agenerate(
     async def one(req: Request) -> Sample:
         target, seed = req.target, req.seed
         host = target.host or (hosts or {}).get(seed)
-        user = render(PROMPT, summary=target.summary, spans=target.spans[:3],
-                      label=target.label, host=host)
+        user = render(prompt, summary=target.summary, spans=target.spans[:3],
+                      label=target.label, host=host, k=req.k)
         async with gate:
             reply = await with_backoff(lambda: ask(target, user, seed),
                                        settings.retries, settings.backoff_s, sleep)
         sample = Sample(text=clean(reply), label=target.label, provenance=Provenance(
             feature=target.feature, round=settings.round, generator=generator,
-            prompt_version=PROMPT, temperature=settings.temperature, seed=seed,
+            prompt_version=prompt, temperature=settings.temperature, seed=seed,
         ))
         if on_sample:
             on_sample(sample)

@@ -168,45 +168,57 @@ def _exclusive(lock_path: Path) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def embedded_model_dir(
-    profile: ModelProfile, cache_dir: Path, *, convert: Convert | None = None
+def build_once(
+    target: Path, build: Callable[[Path], None], complete: Callable[[Path], bool]
 ) -> Path:
-    """The dense safetensors copy of an embedded GGUF model, created on first use.
+    """`target`, built by `build(empty temp folder)` unless `complete(target)` already.
 
-    Safe when several processes start at once on a fresh cache dir: the conversion runs
-    under an exclusive lock (`.<name>.lock` beside the folder), so the others wait and
-    then load the finished copy; it writes into a unique temp folder that is renamed into
-    place, so a killed conversion never leaves a half folder (the next one clears such
-    leftovers), and if the target appeared anyway (a lock-less filesystem) the other
-    process's copy wins and ours is discarded. `convert` replaces the dequantisation
-    (tests)."""
-    target = cache_dir / "models" / profile.name
-    if _complete(target):
+    Safe when several processes want it at once: the build runs under an exclusive lock
+    (`.<name>.lock` beside the folder), so the others wait and then use the finished one;
+    it writes into a unique temp folder (`.<name>.tmp-*`) that is renamed into place, so a
+    killed build never leaves a half folder (the next one clears such leftovers), and if
+    the target appeared anyway (a lock-less filesystem) the other process's copy wins and
+    ours is discarded."""
+    if complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{profile.name}.tmp-"
-    with _exclusive(target.parent / f".{profile.name}.lock") as locked:
-        if _complete(target):  # another process converted it while we waited
+    prefix = f".{target.name}.tmp-"
+    with _exclusive(target.parent / f".{target.name}.lock") as locked:
+        if complete(target):  # another process built it while we waited
             return target
-        if locked:  # nobody else is converting: clear what killed conversions left
+        if locked:  # nobody else is building: clear what killed builds left
             for stale in target.parent.glob(prefix + "*"):
                 shutil.rmtree(stale, ignore_errors=True)
             if target.exists():  # an incomplete folder (not written by this code)
                 shutil.rmtree(target)
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
         try:
-            (convert or _convert_gguf)(profile, tmp)
-            log.info("saved the dense copy of %s in %s", profile.name, target)
+            build(tmp)
             try:
                 os.replace(tmp, target)  # atomic
             except OSError:
-                if not _complete(target):
+                if not complete(target):
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)  # another process won: use theirs
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return target
+
+
+def embedded_model_dir(
+    profile: ModelProfile, cache_dir: Path, *, convert: Convert | None = None
+) -> Path:
+    """The dense safetensors copy of an embedded GGUF model, created on first use (once,
+    atomically, even when several processes start at once: `build_once`). `convert`
+    replaces the dequantisation (tests)."""
+
+    def build(tmp: Path) -> None:
+        (convert or _convert_gguf)(profile, tmp)
+        log.info("saved the dense copy of %s in %s", profile.name, target)
+
+    target = cache_dir / "models" / profile.name
+    return build_once(target, build, _complete)
 
 
 def resolve_model_source(spec: str, cache_dir: Path) -> tuple[str, str]:

@@ -95,6 +95,11 @@ class LoopSettings(BaseModel):
         True, description="ground each request in a real anchor row of its label, rewritten to "
         "carry the feature's theme, so samples keep real rows' length, tone and style (real "
         "toxic rows are long role-play set-ups, generated ones short); off: write from scratch")
+    generator: Literal["prompted", "adapted"] = Field(
+        "prompted", description="prompted: the LLM is asked with an instruction prompt "
+        "(generate_toxicity.v4); adapted: a LoRA of the embedded model trained once on the "
+        "anchor (cached, minutes on CPU) writes rows of the label on the feature's theme in "
+        "the anchor's own style (tools/adapted.py); hosts do not apply to it")
     steer: float = Field(
         0.0, ge=0, description="steer the generator towards each target feature while sampling: "
         "add steer x (median residual norm at the SAE's layer) along the feature's decoder "

@@ -238,6 +238,12 @@ def improve(
                                   "wanted label to carry each theme, or write from scratch "
                                   "[default: hosts]")
     ] = None,
+    generator_kind: Annotated[
+        str | None, typer.Option(help="prompted: the LLM (--generator) is asked to write each "
+                                 "sample; adapted: a LoRA of the model trained once on the "
+                                 "anchor (cached; minutes on CPU) writes them in the anchor's "
+                                 "style (--hosts does not apply) [default: prompted]")
+    ] = None,
     steer: Annotated[
         float | None, typer.Option(help="steer the local generator towards each target "
                                    "feature, in residual norms (0.25 helps on smollm2-135m; "
@@ -303,7 +309,8 @@ def improve(
                                seed=seed, per_feature=per_feature, epsilon=epsilon,
                                patience=patience, focus=focus, **_share(synthetic_share),
                                **_given(max_per_feature=max_per_feature, negatives=negatives,
-                                        hosts=hosts, steer=steer, describe=describe),
+                                        hosts=hosts, steer=steer, describe=describe,
+                                        generator=generator_kind),
                                label_gate=validated(
                                    LabelGateSettings, what, judge=label_gate,
                                    reference=_reference(label_reference))),
@@ -338,6 +345,9 @@ def _check_steer(cfg: RunConfig) -> None:
     """--steer needs the in-process generator: refuse the start, not round 1."""
     from agent.llm import choose_backend
 
+    if cfg.loop.steer > 0 and cfg.loop.generator == "adapted":
+        raise ConfigError(f"--steer {cfg.loop.steer:g} needs the prompted local generator; "
+                          "the adapted generator does not steer")
     if cfg.loop.steer > 0:
         backend = choose_backend(settings_from(**cfg.settings.given()))
         if backend != "local":
