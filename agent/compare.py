@@ -211,9 +211,10 @@ class Row(BaseModel):
 
 def work_key(settings: CompareSettings, *parts: Any) -> str:
     """Content hash of everything that shapes generated sets (settings and input texts);
-    the seed count and the method list are left out: seed s and method m are the same
-    whatever else runs, so adding seeds or methods reuses what is done."""
-    shape = settings.model_dump(mode="json", exclude={"seeds", "methods"})
+    the seed count, the method list and the variants are left out: seed s and method m are
+    the same whatever else runs, so adding seeds, methods or variants reuses what is done
+    (a variant whose settings changed under the same name is refused: `Comparison.generate`)."""
+    shape = settings.model_dump(mode="json", exclude={"seeds", "methods", "variants"})
     blob = json.dumps([shape, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -361,6 +362,13 @@ class Comparison:
     def generate(self, method: str, s: int, task: TextDataset, seed_set: TextDataset,
                  examples: list[str]) -> list[Sample]:
         path = self.work / f"s{s}" / f"{method}.jsonl"
+        run = RunPaths(self.work / f"s{s}" / method)
+        if method not in BASELINES and run.config.exists():
+            done = RunConfig.read(run.dir).loop
+            if done != self.s.loop_for(method, s):
+                raise ConfigError(
+                    f"{run.dir}: {method} ran with other loop settings before; give the "
+                    "variant a new name, or remove that folder to run it again")
         if path.exists():
             return read_samples(path)
         self.progress(f"seed {s}: generating {method}")

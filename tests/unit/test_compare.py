@@ -95,3 +95,12 @@ def test_compare_bad_flags_are_one_line_errors(tmp_path, monkeypatch) -> None:
     assert res.exit_code == 2 and "unknown methods zz" in res.output
     res = CliRunner().invoke(app, ["compare", "--anchor", "nope.jsonl", "--budget", "0"])
     assert res.exit_code == 2 and "budget" in res.output
+
+
+def test_work_key_ignores_seeds_methods_and_variants() -> None:
+    from agent.compare import work_key
+
+    base = CompareSettings()
+    same = CompareSettings(seeds=2, methods=["seed", "fac"], variants={"x": {"negatives": 0}})
+    assert work_key(base, "a") == work_key(same, "a") != work_key(base, "b")
+    assert work_key(base) != work_key(CompareSettings(budget=7))
