@@ -211,10 +211,12 @@ class Row(BaseModel):
 
 def work_key(settings: CompareSettings, *parts: Any) -> str:
     """Content hash of everything that shapes generated sets (settings and input texts);
-    the seed count, the method list and the variants are left out: seed s and method m are
+    the seed count, the method list, the variants and the scoring-only `synthetic_share`
+    are left out: seed s and method m are
     the same whatever else runs, so adding seeds, methods or variants reuses what is done
     (a variant whose settings changed under the same name is refused: `Comparison.generate`)."""
-    shape = settings.model_dump(mode="json", exclude={"seeds", "methods", "variants"})
+    shape = settings.model_dump(mode="json",
+                                exclude={"seeds", "methods", "variants", "synthetic_share"})
     blob = json.dumps([shape, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -319,8 +321,9 @@ class Comparison:
                  for m, v in added.items()}
         rows = []
         for method in self.s.methods:
-            # a row depends on its method, seed and the kept count: cached under both
-            cache = self.work / f"s{s}" / "rows" / f"{method}.k{kept}.json"
+            # a row depends on its method, seed, the kept count and the synthetic share
+            share = "" if self.s.synthetic_share is None else f".w{self.s.synthetic_share:g}"
+            cache = self.work / f"s{s}" / "rows" / f"{method}.k{kept}{share}.json"
             if cache.exists():
                 rows.append(Row.model_validate_json(cache.read_text()))
                 continue
