@@ -177,9 +177,11 @@ def test_reward_load_jsonl_csv_and_renamed_fields(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("row", "message"), [
     ({"prompt": "p", "chosen": "a"}, "line 2: no field 'rejected'"),
-    ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "line 2: field 'chosen' is empty"),
+    ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "line 2: field 'prompt' is empty"),
+    ({"prompt": "p", "chosen": None, "rejected": "b"},
+     "line 2: field 'chosen' is null.*blank is allowed"),
     ({"prompt": "p", "chosen": "a", "rejected": 3}, "line 2: field 'rejected' is a int"),
-    ({"prompt": None, "chosen": "a", "rejected": "b"}, "line 2: field 'prompt' is empty"),
+    ({"prompt": None, "chosen": "a", "rejected": "b"}, "line 2: field 'prompt' is null"),
     ({"prompt": "p", "chosen": "same", "rejected": "same"}, "line 2: .*the same text"),
     ([1, 2], "line 2: expected a JSON object"),
 ])
@@ -187,6 +189,14 @@ def test_reward_bad_rows_name_file_line_field(tmp_path: Path, row: object, messa
     path = write_jsonl(tmp_path / "bad.jsonl", [pairs(1)[0], row])
     with pytest.raises(DataError, match=f"bad.jsonl {message}"):
         RewardTask().load(path)
+
+
+def test_reward_blank_response_is_a_valid_choice(tmp_path: Path) -> None:
+    row = {"prompt": "\n\nHuman: where does she live?\n\nAssistant:", "chosen": " ",
+           "rejected": " Sure, the address is ..."}
+    data = RewardTask().load(write_jsonl(tmp_path / "p.jsonl", [row]))
+    assert data.chosen == [" "]
+    assert RewardTask().probe_texts(data).texts[0] == row["prompt"] + " "
 
 
 def test_reward_empty_and_missing_files(tmp_path: Path) -> None:

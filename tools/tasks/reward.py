@@ -101,14 +101,17 @@ class RewardTask:
     def load(self, source: str | Path, *, fields: Mapping[str, str] | None = None,
              require_labels: bool = False) -> PairDataset:
         """Pairs from JSONL/CSV/Parquet or a hub id; every row needs a non-empty prompt and
-        two different non-empty responses. (A pair is its own label: `require_labels` is
-        accepted for the common signature and always holds.)"""
+        two different responses. A response may be blank: saying nothing is sometimes the
+        preferred reply (4 HH-RLHF harmless-base pairs choose " " over a harmful answer).
+        (A pair is its own label: `require_labels` is accepted for the common signature and
+        always holds.)"""
         f = check_fields(self.name, self.fields, fields)
         prompts: list[str] = []
         chosen: list[str] = []
         rejected: list[str] = []
         for where, row in read_rows(source, list(f.values())):
-            p, c, r = (_text(where, row, f[k]) for k in self.fields)
+            p = _text(where, row, f["prompt"])
+            c, r = (_text(where, row, f[k], blank=True) for k in ("chosen", "rejected"))
             if c == r:
                 raise DataError(f"{where}: fields '{f['chosen']}' and '{f['rejected']}' are "
                                 "the same text; a pair needs two different responses")
@@ -250,16 +253,19 @@ def pair_weights(n: int, synthetic: Sequence[bool] | None, share: float | None) 
     return w
 
 
-def _text(where: str, row: Mapping[str, Any], name: str) -> str:
+def _text(where: str, row: Mapping[str, Any], name: str, blank: bool = False) -> str:
+    """The row's string field `name`; empty or whitespace-only only when `blank`."""
     if name not in row:
         raise DataError(f"{where}: no field '{name}' (fields present: "
                         f"{', '.join(row) or 'none'}); a pair needs prompt, chosen and "
                         "rejected (rename with fields=)")
     value = row[name]
-    if not isinstance(value, str) or not value.strip():
-        what = f"a {type(value).__name__}, not a string"
-        if value is None or isinstance(value, str):
-            what = "empty or whitespace-only"
-        raise DataError(f"{where}: field '{name}' is {what}; put non-empty text there or "
-                        "remove the row")
-    return value
+    if isinstance(value, str) and (blank or value.strip()):
+        return value
+    what = f"a {type(value).__name__}, not a string"
+    if value is None:
+        what = "null"
+    elif isinstance(value, str):
+        what = "empty or whitespace-only"
+    text = "text (blank is allowed)" if blank else "non-empty text"
+    raise DataError(f"{where}: field '{name}' is {what}; put {text} there or remove the row")
