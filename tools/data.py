@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -68,22 +68,37 @@ def load_texts(
     """
     if require_labels and label_field is None:
         raise DataError("require_labels=True needs a label_field, e.g. 'label'")
+    fields = [text_field] if label_field is None else [text_field, label_field]
+    rows = _read(source, fields, required=text_field)
+    ds = _validate(rows, str(source), text_field, label_field, require_labels)
+    logger.info("loaded %d texts (%d positive) from %s", len(ds), ds.n_positive, source)
+    return ds
+
+
+def read_rows(source: str | Path, fields: Sequence[str]) -> Iterable[Row]:
+    """The raw rows of a local file or Hugging Face dataset id, as `load_texts` finds them:
+    (where, fields) pairs, `where` naming the file and line (or row) for error messages.
+    Tables and hub datasets yield only the named `fields` they have; JSONL rows keep all
+    theirs. Nothing is validated: the caller checks its own schema per row (tasks with rows
+    other than text + label, e.g. tools/tasks/reward.py)."""
+    return _read(source, list(fields), required=None)
+
+
+def _read(source: str | Path, fields: list[str], required: str | None) -> Iterable[Row]:
+    """Pick the reader by suffix; a string that is neither a known suffix nor an existing
+    path is a hub id. `required`: a field every table must have (checked once, up front)."""
     path, name = Path(source), str(source)
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None and not path.exists() and not _looks_like_path(name):
-        rows: Iterable[Row] = _hub_rows(name, text_field, label_field)
-    elif not path.is_file():
+        return _hub_rows(name, fields, required)
+    if not path.is_file():
         problem = "is a directory" if path.exists() else "file not found"
         raise DataError(f"{path}: {problem}; pass an existing {_SUFFIXES} file")
-    elif fmt is None:
+    if fmt is None:
         raise DataError(f"{path}: unsupported format '{path.suffix}'; use {_SUFFIXES}")
-    elif fmt == "json":
-        rows = _jsonl_rows(path)
-    else:
-        rows = _table_rows(path, fmt, text_field, label_field)
-    ds = _validate(rows, name, text_field, label_field, require_labels)
-    logger.info("loaded %d texts (%d positive) from %s", len(ds), ds.n_positive, name)
-    return ds
+    if fmt == "json":
+        return _jsonl_rows(path)
+    return _table_rows(path, fmt, fields, required)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -141,9 +156,7 @@ def _csv_layout(path: Path) -> tuple[list[str], list[int]]:
     return (records[0][1] if records else []), [start for start, _ in records[1:]]
 
 
-def _table_rows(
-    path: Path, fmt: str, text_field: str, label_field: str | None
-) -> list[Row]:
+def _table_rows(path: Path, fmt: str, fields: list[str], required: str | None) -> list[Row]:
     import datasets
 
     kwargs: dict[str, Any] = {}
@@ -173,7 +186,7 @@ def _table_rows(
         if len(lines) != len(ds):  # the parsers disagree: assume one line per row
             lines = list(range(2, len(ds) + 2))
         wheres = [f"{path} line {n}" for n in lines]
-    return _columns_to_rows(ds, wheres, text_field, label_field)
+    return _columns_to_rows(ds, wheres, fields, required)
 
 
 def _parquet_num_rows(path: Path) -> int:
@@ -185,7 +198,7 @@ def _parquet_num_rows(path: Path) -> int:
         raise DataError(f"{path}: not a valid Parquet file ({exc})") from exc
 
 
-def _hub_rows(source: str, text_field: str, label_field: str | None) -> list[Row]:
+def _hub_rows(source: str, fields: list[str], required: str | None) -> list[Row]:
     import datasets
 
     repo, _, split = source.partition(":")
@@ -198,16 +211,16 @@ def _hub_rows(source: str, text_field: str, label_field: str | None) -> list[Row
             f"'{split}' failed to load ({exc}); check the path, id, split and network"
         ) from exc
     wheres = [f"{repo} (split {split}) row {n}" for n in range(1, len(ds) + 1)]
-    return _columns_to_rows(ds, wheres, text_field, label_field)
+    return _columns_to_rows(ds, wheres, fields, required)
 
 
 def _columns_to_rows(
-    ds: Any, wheres: list[str], text_field: str, label_field: str | None
+    ds: Any, wheres: list[str], fields: list[str], required: str | None
 ) -> list[Row]:
     columns = list(ds.column_names)
-    if wheres and text_field not in columns:
-        _raise_no_text(wheres[0], text_field, columns)
-    wanted = [c for c in (text_field, label_field) if c is not None and c in columns]
+    if wheres and required is not None and required not in columns:
+        _raise_no_text(wheres[0], required, columns)
+    wanted = [c for c in dict.fromkeys(fields) if c in columns]
     data = ds.select_columns(wanted).to_dict() if wheres else {}
     return [(w, {c: data[c][i] for c in wanted}) for i, w in enumerate(wheres)]
 

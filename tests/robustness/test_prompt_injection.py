@@ -31,6 +31,7 @@ UNTRUSTED: dict[str, dict[str, Any]] = {
     "interpret_feature.v2": {"spans": [{"text": ROW, "activation": 3.0}]},
     "score_interpretation.v2": {"summary": ROW, "text": ROW},
     "relevance_toxicity.v2": {"summary": ROW, "spans": [ROW]},
+    "relevance_reward.v1": {"summary": ROW, "spans": [ROW]},
     "generate_toxicity.v3": {"summary": ROW, "spans": [ROW], "label": 1},
     "generate_toxicity.v4": {"summary": ROW, "spans": [ROW], "label": 1, "host": ROW},
     "baseline_self_instruct.v3": {"examples": [ROW, ROW], "label": 1},

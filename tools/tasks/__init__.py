@@ -1,0 +1,38 @@
+"""Tasks as plug-ins: each module here is one task (its rows, probe texts and contrast,
+prompts, label-gate check, downstream model and metric; see `base.Task`).
+
+Adding a task = one module + its prompt files + tests, and a line in `TASKS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tools.errors import ConfigError
+from tools.tasks.base import Contrast, Features, Task, workspace_features
+from tools.tasks.reward import BradleyTerryHead, PairDataset, PairSplit, RewardTask
+from tools.tasks.toxicity import ToxicityTask
+
+TASKS: dict[str, Callable[..., Task[Any, Any]]] = {
+    ToxicityTask.name: ToxicityTask,
+    RewardTask.name: RewardTask,
+}
+"""Task name -> its class; keyword options configure it (e.g. RewardTask(c=0.05))."""
+
+
+def get_task(name: str, **options: Any) -> Task[Any, Any]:
+    """The task called `name`, built with `options`; a ConfigError names the known ones."""
+    make = TASKS.get(name)
+    if make is None:
+        raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+    try:
+        return make(**options)
+    except TypeError as exc:  # an option the task does not have
+        raise ConfigError(f"task {name!r}: {exc}") from exc
+
+
+__all__ = [
+    "TASKS", "BradleyTerryHead", "Contrast", "Features", "PairDataset", "PairSplit",
+    "RewardTask", "Task", "ToxicityTask", "get_task", "workspace_features",
+]

@@ -1,0 +1,95 @@
+"""Toxicity: text + 0/1 label (1 = toxic/harmful/flag) -> a detector, scored by AUPRC.
+
+A thin wrapper over what the loop already runs (tools/data.load_texts, tools/detector,
+tools/label_gate.consistent), so a run through the seam gives the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from tools.data import TextDataset, load_texts
+from tools.detector import Detector, DetectorSettings, evaluate, fit_detector
+from tools.errors import DataError
+from tools.label_gate import consistent
+from tools.tasks.base import Contrast, Features, check_fields
+
+
+@dataclass(frozen=True)
+class ToxicityTask:
+    """`detector` picks the downstream model (probe on features, or LoRA on texts, which
+    needs `model_folder`: the causal LM to adapt)."""
+
+    name: ClassVar[str] = "toxicity"
+    headline: ClassVar[str] = "auprc"
+    fields: ClassVar[tuple[str, ...]] = ("text", "label")
+    # the prompts tools/generate.py and tools/relevance.py use (tests keep them in step)
+    generate_prompt: ClassVar[str | None] = "generate_toxicity.v4"
+    relevance_prompt: ClassVar[str] = "relevance_toxicity.v2"
+
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
+    model_folder: str | None = None
+    device: str = "auto"
+
+    def load(self, source: str | Path, *, fields: Mapping[str, str] | None = None,
+             require_labels: bool = False) -> TextDataset:
+        f = check_fields(self.name, self.fields, fields)
+        return load_texts(source, text_field=f["text"], label_field=f["label"],
+                          require_labels=require_labels)
+
+    def probe_texts(self, data: TextDataset) -> Contrast:
+        return Contrast(list(data.texts), None if data.labels is None else list(data.labels),
+                        list(range(len(data))), data.source)
+
+    def split(self, data: TextDataset, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stratified by label, near-duplicate texts on one side (tools/splits.py)."""
+        from tools.splits import stratified_split
+
+        return stratified_split(_labels(data, "split"), frac, seed, texts=data.texts)
+
+    def fit(self, train: TextDataset, features: Features, *, seed: int = 0,
+            synthetic: Sequence[bool] | None = None,
+            synthetic_share: float | None = None) -> Detector:
+        return fit_detector(
+            self.detector, list(train.texts), _labels(train, "train a detector"),
+            features=self._features(train, features), model_folder=self.model_folder,
+            seed=seed, device=self.device, synthetic=synthetic, synthetic_share=synthetic_share)
+
+    def scores(self, model: Detector, data: TextDataset, features: Features) -> np.ndarray:
+        """[n] the detector's probability that each text is toxic."""
+        if not len(data):
+            return np.zeros(0, dtype=np.float64)
+        return np.asarray(model.score(list(data.texts), features=self._features(data, features)))
+
+    def agreement(self, model: Detector, data: TextDataset, features: Features) -> np.ndarray:
+        y = np.asarray(_labels(data, "check labels"))
+        s = self.scores(model, data, features)
+        return np.where(y == 1, s, 1 - s)
+
+    def gate(self, model: Detector, real: TextDataset, synthetic: TextDataset,
+             features: Features, quantile: float = 0.25) -> np.ndarray:
+        """A synthetic row's score must lie inside the range of real rows of the label it
+        claims (tools/label_gate.consistent)."""
+        return consistent(self.scores(model, synthetic, features),
+                          _labels(synthetic, "gate labels"), self.scores(model, real, features),
+                          _labels(real, "gate labels"), quantile)
+
+    def metric(self, model: Detector, data: TextDataset, features: Features) -> dict[str, float]:
+        """AUPRC (the headline), AUROC, best F1, rows and positives."""
+        m = evaluate(self.scores(model, data, features), _labels(data, "score a detector"))
+        return {k: float(v) for k, v in m.model_dump().items()}
+
+    def _features(self, data: TextDataset, features: Features) -> np.ndarray | None:
+        return features(data.texts) if self.detector.needs_features else None
+
+
+def _labels(data: TextDataset, why: str) -> list[int]:
+    if data.labels is None:
+        raise DataError(f"{data.source}: has no labels; the toxicity task needs a 0/1 "
+                        f"'label' on every row to {why}")
+    return data.labels
