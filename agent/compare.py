@@ -334,7 +334,8 @@ class Comparison:
                 extra = added.get(method, [])
                 texts = seed_set.texts + [x.text for x in extra]
                 labels = seed_set.labels + [1 if x.label is None else x.label for x in extra]
-            rows.append(self.measure(method, s, texts, labels, extra, len(seed_set), oracle))
+            n_real = len(texts) - len(extra)  # full: every row is real
+            rows.append(self.measure(method, s, texts, labels, extra, n_real, oracle))
             write_text_atomic(cache, rows[-1].model_dump_json())
         return rows
 
