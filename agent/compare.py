@@ -53,7 +53,7 @@ from tools.paired import PairedDiff, paired_diff
 from tools.rundir import LoopSettings, RunConfig, RunPaths, read_samples
 from tools.settings import Settings
 from tools.splits import stratified_split
-from tools.verify import Sample
+from tools.verify import Sample, gate_pass_rate
 from tools.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,7 @@ class LoopStats(BaseModel):
 
     @property
     def gate_pass_rate(self) -> float:
-        checked = self.kept + self.disputed
-        return self.kept / checked if checked else 0.0
+        return gate_pass_rate(self.kept, self.disputed)
 
 
 def loop_stats(folder: Path, method: str, seeds: int) -> LoopStats | None:

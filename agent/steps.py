@@ -34,7 +34,7 @@ from tools.rundir import (
     write_rows,
 )
 from tools.synthesis import Interpreted, round_targets
-from tools.verify import FeatureHits, Sample, VerifyReport
+from tools.verify import FeatureHits, Sample, VerifyReport, gate_pass_rate
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,7 @@ class VerifySummary(BaseModel):
 
     @property
     def gate_pass_rate(self) -> float:
-        """Of the samples that reached the label gate, the share it kept."""
-        checked = self.kept + self.disputed
-        return self.kept / checked if checked else 0.0
+        return gate_pass_rate(self.kept, self.disputed)
 
 
 Hook = Callable[[str, int], None]

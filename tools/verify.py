@@ -56,6 +56,12 @@ class Verdict(BaseModel):
         return self.reason == "kept"
 
 
+def gate_pass_rate(kept: int, disputed: int) -> float:
+    """Of the samples that reached the label gate (kept + disputed), the share it kept."""
+    checked = kept + disputed
+    return kept / checked if checked else 0.0
+
+
 class FeatureHits(BaseModel):
     generated: int
     activated: int
@@ -69,9 +75,7 @@ class FeatureHits(BaseModel):
 
     @property
     def gate_pass_rate(self) -> float:
-        """Of this feature's samples that reached the label gate, the share it kept."""
-        checked = self.kept + self.disputed
-        return self.kept / checked if checked else 0.0
+        return gate_pass_rate(self.kept, self.disputed)
 
 
 class VerifyReport(BaseModel):
