@@ -377,7 +377,8 @@ def _run_loop(run: Path, cfg: RunConfig, resuming: bool) -> dict[str, Any]:
         metric = f", AUPRC {rec.metric.auprc:.3f}" if rec.metric else ""
         made = (f", kept {rec.kept}/{rec.generated} (hit {rec.hit_rate:.0%}, "
                 f"{rec.disputed} label-disputed)" if rec.round else "")
-        out.print(f"round {rec.round}: FAC {rec.fac:.3f}{gain}, {rec.n_missing} missing{made}"
+        out.print(f"round {rec.round}: FAC {rec.fac:.3f}{gain} (graded {rec.fac_graded:.3f}), "
+                  f"{rec.n_missing} missing{made}"
                   f"{metric}, {rec.n_train} rows  [{time.monotonic() - started:.0f}s]")
         prev["fac"] = rec.fac
 
