@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -18,7 +18,6 @@ from tools.coverage import CoverageReport, MissingFeature
 from tools.data import TextDataset, load_texts
 from tools.detector import (
     DetectorSettings,
-    Metrics,
     evaluate,
     fit_detector,
     load_detector,
@@ -42,6 +41,7 @@ from tools.label_gate import (
 from tools.models import resolve_model_source
 from tools.probe import Progress
 from tools.relevance import Relevance
+from tools.rundir import Metric
 from tools.synthesis import (
     HOST_MAX_CHARS,
     Interpreted,
@@ -51,6 +51,9 @@ from tools.synthesis import (
 )
 from tools.verify import Sample, VerifyReport
 from tools.workspace import Workspace
+
+if TYPE_CHECKING:
+    from agent.steps import Rows
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +89,22 @@ class Engine:
         self._reference: tuple[str, Any] | None = None  # (path, probe fit on it)
         self._adapted: AdaptedChat | None = None  # the adapted generator, built once
 
-    def probe(self, texts: Sequence[str]) -> None:
-        todo = [self.anchor.texts, list(texts)]
+    def probe(self, rows: Rows) -> None:
+        todo = [self.anchor.texts, rows.texts()]
         if self.eval_set is not None:
             todo.append(self.eval_set.texts)
         bar = self.progress("probing", sum(map(len, todo)))
         for part in todo:
             self.ws.probe(_texts(part, "probe"), bar)
 
-    def coverage(self, texts: Sequence[str]) -> CoverageReport:
-        return self.ws.coverage(self.anchor, _texts(texts, "data"))
+    def coverage(self, rows: Rows) -> CoverageReport:
+        return self.ws.coverage(self.anchor, _texts(rows.texts(), "data"))
 
-    def error_features(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path,
+    def error_features(self, rows: Rows, model_dir: Path,
                        limit: int) -> list[MissingFeature]:
         """Task features over-represented in the errors of the detector in `model_dir` on
-        the anchor rows (tools/focus.py). `texts` and `labels` (the training rows) are not
-        used: the detector is judged on rows it never trained on."""
+        the anchor rows (tools/focus.py). `rows` (the training rows) are not used: the
+        detector is judged on rows it never trained on."""
         return error_features(self.ws, self.anchor, model_dir, limit, self._model_folder())
 
     def interpret(self, report: CoverageReport, limit: int) -> Interpreted:
@@ -150,12 +153,13 @@ class Engine:
             self._adapted = adapted_client(self.ws, self.anchor, progress=step)
         return self._adapted
 
-    def verify(self, samples: Sequence[Sample], existing: Sequence[str]) -> VerifyReport:
-        return verify_samples(self.ws, self.anchor, _texts(existing, "data"), samples)
+    def verify(self, samples: Sequence[Sample], rows: Rows) -> VerifyReport:
+        return verify_samples(self.ws, self.anchor, _texts(rows.texts(), "data"), samples)
 
-    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path, *,
-              synthetic: Sequence[bool] | None = None,
+    def train(self, rows: Rows, model_dir: Path, *,
               synthetic_share: float | None = None) -> None:
+        texts, labels, synthetic = rows.texts(), rows.labels(), rows.synthetic
+        assert labels is not None  # Steps trains only labelled rows
         fit_detector(
             self.detector, list(texts), labels, features=self._features(texts),
             model_folder=self._model_folder() if self.detector.kind == "lora" else None,
@@ -228,12 +232,14 @@ class Engine:
                      self._llm_agreement, len(rows))
         return self._llm_agreement
 
-    def evaluate(self, model_dir: Path) -> Metrics | None:
+    def evaluate(self, model_dir: Path) -> Metric | None:
         if self.eval_set is None or not model_dir.exists():
             return None  # no eval set, or no detector (unlabelled data)
         det = load_detector(model_dir, model_folder=self._model_folder())
         scores = det.score(self.eval_set.texts, features=self._features(self.eval_set.texts))
-        return evaluate(scores, self.eval_set.labels or [])
+        m = evaluate(scores, self.eval_set.labels or [])
+        return Metric(name="auprc", value=m.auprc, values={
+            k: float(v) for k, v in m.model_dump().items()})
 
     def _model_folder(self) -> str:
         return resolve_model_source(self.ws.settings.model, self.ws.settings.home)[0]

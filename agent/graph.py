@@ -36,7 +36,8 @@ class LoopState(TypedDict, total=False):
     targets: list[dict[str, Any]]
     per_feature: int
     generated_total: int
-    auprc: list[float | None]
+    metric: list[float | None]
+    """the eval set's headline metric after each round (None: no model)"""
     stop_reason: str | None
 
 
@@ -51,11 +52,11 @@ def decide(state: LoopState, loop: LoopSettings) -> str | None:
         return f"max rounds ({loop.max_rounds}) reached"
     if state.get("generated_total", 0) >= loop.budget:
         return f"sample budget ({loop.budget}) spent"
-    scores = [s for s in state.get("auprc", []) if s is not None]
+    scores = [s for s in state.get("metric", []) if s is not None]
     if len(scores) > loop.patience:
         best_before = max(scores[: -loop.patience])
         if max(scores[-loop.patience :]) <= best_before:
-            return f"AUPRC has not improved for {loop.patience} round(s)"
+            return f"the eval metric has not improved for {loop.patience} round(s)"
     return None
 
 

@@ -167,7 +167,9 @@ class RoundInfo(BaseModel):
     generated: int
     kept: int
     hit_rate: float
-    auprc: float | None
+    metric: float | None = Field(None, description="the eval set's headline metric")
+    metric_name: str | None = Field(None, description="which: auprc (toxicity), "
+                                    "pairwise_accuracy (reward), scr (steering)")
     n_train: int
     stop_reason: str | None
 
@@ -176,7 +178,8 @@ class RoundInfo(BaseModel):
         return cls(round=rec.round, fac=rec.fac, fac_graded=rec.fac_graded,
                    n_missing=rec.n_missing,
                    generated=rec.generated, kept=rec.kept, hit_rate=rec.hit_rate,
-                   auprc=rec.metric.auprc if rec.metric else None, n_train=rec.n_train,
+                   metric=rec.metric.value if rec.metric else None,
+                   metric_name=rec.metric.name if rec.metric else None, n_train=rec.n_train,
                    stop_reason=rec.stop_reason)
 
 

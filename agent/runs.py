@@ -22,8 +22,8 @@ from tools.settings import Settings
 
 if TYPE_CHECKING:
     from agent.steps import LoopEngine
-    from tools.data import TextDataset
     from tools.rundir import RoundRecord
+    from tools.tasks import Task
     from tools.workspace import Workspace
 
 FLAGS = {"max_rounds": "rounds", "kind": "detector", "judge": "label_gate",
@@ -94,17 +94,42 @@ def start_run(run: Path, cfg: RunConfig, *, resume_hint: str | None = None) -> R
     cfg = cfg.model_copy(update={"anchor": _absolute(cfg.anchor), "data": _absolute(cfg.data),
                                  "eval": _absolute(cfg.eval)})
     build_settings(**cfg.settings.given())
+    run_task(cfg)  # an unknown task or option fails here
+    if cfg.task != "toxicity":
+        if cfg.loop.generator != "prompted":
+            raise ConfigError(f"--generator-kind {cfg.loop.generator}: the {cfg.task} task "
+                              "generates with the prompted generator only")
+        if cfg.loop.focus != "data":
+            raise ConfigError(f"--focus {cfg.loop.focus}: the {cfg.task} task has no "
+                              "detector errors to focus on; use --focus data")
     load_run_inputs(cfg)
     cfg.write(run)
     return cfg
 
 
-def load_run_inputs(cfg: RunConfig) -> tuple[TextDataset, TextDataset, TextDataset]:
-    """(anchor, data, eval): without an eval set, a fixed stratified share of the anchor is
-    held out for evaluation and never used as anchor."""
+def run_task(cfg: RunConfig) -> Task[Any, Any]:
+    """The run's task (tools/tasks) with its options; ConfigError for an unknown one."""
+    from tools.tasks import get_task
+
+    return get_task(cfg.task, **cfg.task_options)
+
+
+def load_run_inputs(cfg: RunConfig) -> tuple[Any, Any, Any]:
+    """(anchor, data, eval) as the task's rows: without an eval set, a fixed share of the
+    anchor is held out for evaluation (the task's split: stratified for text rows, whole
+    prompt groups for pairs) and never used as anchor."""
     from tools.data import load_texts
     from tools.splits import stratified_split
 
+    if cfg.task != "toxicity":
+        task = run_task(cfg)
+        fields = cfg.fields or None
+        anchor = task.load(cfg.anchor, fields=fields, require_labels=True)
+        data = task.load(cfg.data, fields=fields)
+        if cfg.eval:
+            return anchor, data, task.load(cfg.eval, fields=fields, require_labels=True)
+        keep, held = task.split(anchor, cfg.eval_frac, 0)
+        return anchor.subset(keep), data, anchor.subset(held)
     load = partial(load_texts, text_field=cfg.text_field, label_field=cfg.label_field)
     anchor = load(cfg.anchor, require_labels=True)
     data = load(cfg.data)
@@ -139,19 +164,29 @@ def loop_graph(
     from agent.steps import Steps
 
     anchor, data, ev = load_run_inputs(cfg)
+    loop = cfg.loop
+    if cfg.task != "toxicity":
+        # a pair is one sample with both sides: no separate negatives to ask for
+        loop = loop.model_copy(update={"negatives": 0.0})
     with contextlib.ExitStack() as stack:
         if engine is None:
             from agent.engine import Engine
             from agent.llm import open_llm
+            from agent.pair_engine import PairEngine
             from tools.workspace import Workspace
 
             ws = workspace or Workspace(build_settings(**cfg.settings.given()))
             if llm is None:
                 llm = stack.enter_context(open_llm(ws.settings, run, ws))
-            engine = Engine(ws, anchor, ev, llm, detector=cfg.detector,
-                            relevance=cfg.relevance, seed=cfg.loop.seed, progress=progress,
-                            describe=cfg.loop.describe)
-        steps = Steps(run, engine, cfg.loop, data, before=before, on_round=on_round)
+            if cfg.task == "toxicity":
+                engine = Engine(ws, anchor, ev, llm, detector=cfg.detector,
+                                relevance=cfg.relevance, seed=cfg.loop.seed,
+                                progress=progress, describe=cfg.loop.describe)
+            else:
+                engine = PairEngine(ws, run_task(cfg), anchor, ev, llm,
+                                    relevance=cfg.relevance, seed=cfg.loop.seed,
+                                    progress=progress, describe=cfg.loop.describe)
+        steps = Steps(run, engine, loop, data, before=before, on_round=on_round)
         yield build(steps, checkpointer(run) if checkpoint else None)
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,8 +20,7 @@ from pydantic import BaseModel, Field
 
 from agent.graph import LoopState, decide
 from tools.coverage import CoverageReport, MissingFeature
-from tools.data import TextDataset, write_text_atomic
-from tools.detector import Metrics
+from tools.data import write_text_atomic
 from tools.generate import GenerateSettings, Target, plan_requests
 from tools.label_gate import Judged, LabelCheck, LabelGateSettings
 from tools.rundir import (
@@ -39,23 +39,55 @@ from tools.verify import FeatureHits, Sample, VerifyReport, gate_pass_rate
 log = logging.getLogger(__name__)
 
 
-class LoopEngine(Protocol):
-    """The heavy work behind the nodes (agent/engine.py `Engine`; tests use fakes)."""
+@dataclass(frozen=True)
+class Rows:
+    """The run's rows as of a round: the starting data (the task's rows: a TextDataset, or a
+    PairDataset for pair tasks) and the kept synthetic samples after it."""
 
-    def probe(self, texts: Sequence[str]) -> None: ...
-    def coverage(self, texts: Sequence[str]) -> CoverageReport: ...
-    def error_features(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path,
+    data: Any
+    added: list[Sample]
+
+    def __len__(self) -> int:
+        return len(self.data) + len(self.added)
+
+    @property
+    def synthetic(self) -> list[bool]:
+        """Per row: is it a kept synthetic sample (the starting rows are real)?"""
+        return [False] * len(self.data) + [True] * len(self.added)
+
+    @property
+    def labelled(self) -> bool:
+        """Can a downstream model train on them (a pair is its own label)?"""
+        return getattr(self.data, "labels", ()) is not None
+
+    def texts(self) -> list[str]:
+        """Text rows: the data's texts, then the samples'."""
+        return list(self.data.texts) + [s.text for s in self.added]
+
+    def labels(self) -> list[int] | None:
+        """Text rows' labels (a sample without one counts as 1); None for unlabelled data."""
+        if self.data.labels is None:
+            return None
+        return list(self.data.labels) + [1 if s.label is None else s.label for s in self.added]
+
+
+class LoopEngine(Protocol):
+    """The heavy work behind the nodes (agent/engine.py `Engine` for text tasks,
+    agent/pair_engine.py `PairEngine` for pair tasks; tests use fakes)."""
+
+    def probe(self, rows: Rows) -> None: ...
+    def coverage(self, rows: Rows) -> CoverageReport: ...
+    def error_features(self, rows: Rows, model_dir: Path,
                        limit: int) -> list[MissingFeature]: ...
     def interpret(self, report: CoverageReport, limit: int) -> Interpreted: ...
     def generate(self, targets: Sequence[Target], settings: GenerateSettings,
                  skip: set[int], on_sample: Callable[[Sample], None]) -> list[Sample]: ...
-    def verify(self, samples: Sequence[Sample], existing: Sequence[str]) -> VerifyReport: ...
+    def verify(self, samples: Sequence[Sample], rows: Rows) -> VerifyReport: ...
     def label_check(self, samples: Sequence[Sample], model_dir: Path | None,
                     gate: LabelGateSettings) -> LabelCheck: ...
-    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path, *,
-              synthetic: Sequence[bool] | None = None,
+    def train(self, rows: Rows, model_dir: Path, *,
               synthetic_share: float | None = None) -> None: ...
-    def evaluate(self, model_dir: Path) -> Metrics | None: ...
+    def evaluate(self, model_dir: Path) -> Metric | None: ...
 
 
 class VerifySummary(BaseModel):
@@ -83,7 +115,7 @@ class Steps:
     """One method per graph node. `before(node, round)` runs first in every node (progress
     display; tests inject crashes there); `on_round(record)` after each round's decision."""
 
-    def __init__(self, run_dir: Path, engine: LoopEngine, loop: LoopSettings, data: TextDataset,
+    def __init__(self, run_dir: Path, engine: LoopEngine, loop: LoopSettings, data: Any,
                  before: Hook | None = None,
                  on_round: Callable[[RoundRecord], None] | None = None) -> None:
         self.dir = run_dir
@@ -95,33 +127,27 @@ class Steps:
         self.on_round = on_round or (lambda rec: None)
         self._started = time.monotonic()
 
-    def rows(self, upto: int) -> tuple[list[str], list[int] | None]:
+    def rows(self, upto: int) -> Rows:
         """The data as of the end of round `upto`: the starting rows plus kept samples."""
-        texts = list(self.data.texts)
-        labels = list(self.data.labels) if self.data.labels is not None else None
-        for r in range(1, upto + 1):
-            for s in read_samples(self.paths.data(r)):
-                texts.append(s.text)
-                if labels is not None:
-                    labels.append(1 if s.label is None else s.label)
-        return texts, labels
+        return Rows(self.data, [s for r in range(1, upto + 1)
+                                for s in read_samples(self.paths.data(r))])
 
     # -- nodes -------------------------------------------------------------------------
     def load(self, state: LoopState) -> dict[str, Any]:
         self.before("load", 0)
         self.paths.make()
-        return {"round": 0, "generated_total": 0, "auprc": [], "stop_reason": None}
+        return {"round": 0, "generated_total": 0, "metric": [], "stop_reason": None}
 
     def probe(self, state: LoopState) -> dict[str, Any]:
         r = state["round"]
         self.before("probe", r)
-        self.engine.probe(self.rows(r - 1)[0])
+        self.engine.probe(self.rows(r - 1))
         return {}
 
     def coverage(self, state: LoopState) -> dict[str, Any]:
         r = state["round"]
         self.before("coverage", r)
-        report = self.engine.coverage(self.rows(r - 1)[0])
+        report = self.engine.coverage(self.rows(r - 1))
         write_text_atomic(self.paths.work(r, "coverage"), report.model_dump_json(indent=1))
         return {"fac_before": report.fac, "fac": report.fac, "n_task": report.n_task,
                 "missing": [m.feature for m in report.missing]}
@@ -134,11 +160,10 @@ class Steps:
         # included); a report without it (older coverage): the binary missing list
         chosen = report.deficits or report.missing
         if self.loop.focus != "data":
-            texts, labels = self.rows(r - 1)
-            if labels is None:
+            rows = self.rows(r - 1)
+            if not rows.labelled:
                 raise ValueError("model-centric focus needs labelled data")
-            errors = self.engine.error_features(
-                texts, labels, self.paths.model(r - 1), self.loop.top)
+            errors = self.engine.error_features(rows, self.paths.model(r - 1), self.loop.top)
             if self.loop.focus == "both":
                 seen = {m.feature for m in errors}
                 errors += [m for m in chosen if m.feature not in seen]
@@ -205,7 +230,7 @@ class Steps:
             raise RuntimeError(f"round {r}: {len(lost)} generated samples missing from the "
                                "journal; rerun with --resume to generate them")
         samples = [by_seed[s] for s in seeds]
-        report = self.engine.verify(samples, self.rows(r - 1)[0])
+        report = self.engine.verify(samples, self.rows(r - 1))
         gate, detector = self.loop.label_gate, self.paths.model(r - 1)
         check = None
         if gate.judge != "off" and report.kept:
@@ -225,22 +250,19 @@ class Steps:
     def train(self, state: LoopState) -> dict[str, Any]:
         r = state["round"]
         self.before("train", r)
-        texts, labels = self.rows(r)
-        if labels is None:
+        rows = self.rows(r)
+        if not rows.labelled:
             log.warning("the data has no labels: no detector is trained, metric stays empty")
             return {}
-        # the starting data is real; every row after it is a kept synthetic sample
-        synthetic = [i >= len(self.data.texts) for i in range(len(texts))]
-        self.engine.train(texts, labels, self.paths.model(r), synthetic=synthetic,
-                          synthetic_share=self.loop.synthetic_share)
+        self.engine.train(rows, self.paths.model(r), synthetic_share=self.loop.synthetic_share)
         return {}
 
     def evaluate(self, state: LoopState) -> dict[str, Any]:
         r = state["round"]
         self.before("evaluate", r)
-        texts, _ = self.rows(r)
+        rows = self.rows(r)
         metric = self.engine.evaluate(self.paths.model(r))
-        report = self.engine.coverage(texts)
+        report = self.engine.coverage(rows)
         summaries = self._summaries(r)
         verified = (VerifySummary.model_validate_json(self.paths.work(r, "verify").read_text())
                     if r > 0 else None)
@@ -256,13 +278,11 @@ class Steps:
             disputed=verified.disputed if verified else 0,
             hit_rate=verified.hit_rate if verified else 0.0,
             per_feature=verified.per_feature if verified else {},
-            metric=Metric(auprc=metric.auprc, auroc=metric.auroc, best_f1=metric.best_f1)
-            if metric else None,
-            n_train=len(texts), seconds=round(time.monotonic() - self._started, 1),
+            metric=metric, n_train=len(rows), seconds=round(time.monotonic() - self._started, 1),
         ))
         history.save(self.dir)
         return {"fac": report.fac, "missing": [m.feature for m in report.missing],
-                "auprc": [*state.get("auprc", []), metric.auprc if metric else None]}
+                "metric": [*state.get("metric", []), metric.value if metric else None]}
 
     def _summaries(self, upto: int) -> dict[int, str]:
         out: dict[int, str] = {}

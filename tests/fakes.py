@@ -19,13 +19,13 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
+from agent.steps import Rows
 from memory.feature_memory import FeatureRecord
 from tools.coverage import ActivityRule, CoverageReport, MissingFeature
-from tools.detector import Metrics
 from tools.generate import GenerateSettings, Target, plan_requests
 from tools.label_gate import LabelCheck, LabelGateSettings
 from tools.models import LoadedModel
-from tools.rundir import History
+from tools.rundir import History, Metric
 from tools.sae import LoadedSAE, resolve_hook
 from tools.synthesis import Feature, Interpreted
 from tools.verify import FeatureHits, Sample, Verdict, VerifyReport
@@ -306,10 +306,11 @@ class FakeEngine:
         self.checked.append(model_dir)
         return LabelCheck(ok=[not self.dispute(s) for s in samples], judged_by="detector")
 
-    def probe(self, texts: Sequence[str]) -> None:
+    def probe(self, rows: Rows) -> None:
         pass
 
-    def coverage(self, texts: Sequence[str]) -> CoverageReport:
+    def coverage(self, rows: Rows) -> CoverageReport:
+        texts = rows.texts()
         have = {int(t) for text in texts for t in re.findall(r"<(\d+)>", text)}
         missing = [MissingFeature(feature=f, pos_support=3, neg_support=0, log_odds=9 - f,
                                   anchor_max=5.0) for f in TASK if f not in have]
@@ -325,7 +326,7 @@ class FakeEngine:
             fac=covered / len(TASK), anchor_fac=1.0, missing=missing, deficits=deficits,
             saturated=False)
 
-    def error_features(self, texts, labels, model_dir, limit):  # type: ignore[no-untyped-def]
+    def error_features(self, rows, model_dir, limit):  # type: ignore[no-untyped-def]
         return []
 
     def interpret(self, report: CoverageReport, limit: int) -> Interpreted:
@@ -356,7 +357,7 @@ class FakeEngine:
             out.append(s)
         return out
 
-    def verify(self, samples: Sequence[Sample], existing: Sequence[str]) -> VerifyReport:
+    def verify(self, samples: Sequence[Sample], rows: Rows) -> VerifyReport:
         kept, rejected, hits = [], [], {}
         for s in samples:
             f = s.provenance.feature
@@ -369,16 +370,15 @@ class FakeEngine:
                 Verdict(sample=s, reason="kept" if on else "target_inactive", activation=1.0))
         return VerifyReport(kept=kept, rejected=rejected, per_feature=hits)
 
-    def train(self, texts: Sequence[str], labels: Sequence[int], model_dir: Path, *,
-              synthetic: Sequence[bool] | None = None,
+    def train(self, rows: Rows, model_dir: Path, *,
               synthetic_share: float | None = None) -> None:
-        self.trained.append((None if synthetic is None else list(synthetic), synthetic_share))
+        self.trained.append((rows.synthetic, synthetic_share))
         model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / "n.json").write_text(json.dumps(len(texts)))
+        (model_dir / "n.json").write_text(json.dumps(len(rows)))
 
-    def evaluate(self, model_dir: Path) -> Metrics | None:
+    def evaluate(self, model_dir: Path) -> Metric | None:
         n = json.loads((model_dir / "n.json").read_text())
-        return Metrics(auprc=min(1.0, n / 40), auroc=0.5, best_f1=0.5, n=10, n_positive=5)
+        return Metric(value=min(1.0, n / 40), values={"auroc": 0.5, "best_f1": 0.5})
 
 
 def final_data(run_dir: Path) -> dict[str, str]:

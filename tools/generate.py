@@ -175,6 +175,8 @@ async def agenerate(
     on_sample: Callable[[Sample], None] | None = None,
     hosts: Mapping[int, str] | None = None,
     prompt: str = PROMPT,
+    to_row: Callable[[str], tuple[str, dict[str, str] | None]] | None = None,
+    system: str = SYSTEM,
 ) -> list[Sample]:
     """The samples of `plan_requests(targets, settings)`, in that order, leaving out
     requests whose seed is in `skip` (already done by an interrupted run). `on_sample` sees
@@ -182,7 +184,9 @@ async def agenerate(
     to the real row it rewrites (tools/synthesis.py `assign_hosts`; needed when
     `settings.hosts`); a target's own `host` wins. Each sample's label is its target's.
     `prompt` names the prompt file rendered per request (with the target's summary, spans,
-    label, host and the request's k)."""
+    label, host and the request's k). `to_row` turns a reply into (text, fields) for a
+    pair task (tools/tasks/pairs.py `reply_to_sample`); without it the text is the cleaned
+    reply. `system` is the system message of every request."""
     settings = settings or GenerateSettings()
     if settings.hosts and hosts is None:
         raise ConfigError("hosts=True but no host rows were given: pass hosts= "
@@ -198,9 +202,9 @@ async def agenerate(
 
     def ask(target: Target, user: str, seed: int) -> Awaitable[str]:
         if not steering:
-            return client.achat(SYSTEM, user, temperature=settings.temperature, seed=seed)
+            return client.achat(system, user, temperature=settings.temperature, seed=seed)
         return cast(SteeringChatClient, client).achat(
-            SYSTEM, user, temperature=settings.temperature, seed=seed,
+            system, user, temperature=settings.temperature, seed=seed,
             steer=(target.feature, settings.steer))
 
     async def one(req: Request) -> Sample:
@@ -211,7 +215,8 @@ async def agenerate(
         async with gate:
             reply = await with_backoff(lambda: ask(target, user, seed),
                                        settings.retries, settings.backoff_s, sleep)
-        sample = Sample(text=clean(reply), label=target.label, provenance=Provenance(
+        text, fields = to_row(reply) if to_row else (clean(reply), None)
+        sample = Sample(text=text, label=target.label, fields=fields, provenance=Provenance(
             feature=target.feature, round=settings.round, generator=generator,
             prompt_version=prompt, temperature=settings.temperature, seed=seed,
         ))

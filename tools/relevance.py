@@ -37,6 +37,14 @@ def judge_feature(
     return ask_json(client, SYSTEM, user, RelevanceAnswer, retries)
 
 
+def verdict_key(prompt: str) -> str:
+    """Where a feature's LLM verdict under `prompt` is remembered (FeatureRecord.relevance):
+    "llm" for the toxicity guideline (as before tasks), "llm:<task>" for another task's."""
+    if prompt == PROMPT:
+        return "llm"
+    return "llm:" + prompt.removeprefix("relevance_").split(".")[0]
+
+
 def keep(verdict: str | None, relevance: Relevance) -> bool:
     """Should a label-relevant missing feature with this LLM verdict be targeted?"""
     if relevance == "label" or verdict is None:

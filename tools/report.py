@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.data import write_text_atomic
-from tools.errors import DataError
+from tools.errors import DataError, FacsynthError
 from tools.rundir import (
     History,
     RejectedSample,
@@ -60,9 +60,14 @@ def write_report(
     summaries = _summaries(history.rounds)
     totals = _feature_totals(history.rounds)
     images = _charts(history.rounds, totals, paths.images)
+    scored = [r.metric for r in history.rounds if r.metric is not None]
+    task = _task(run_dir)
     context = {
         "run_dir": str(run_dir),
-        "title": f"facsynth run report: {run_dir.resolve().name}",
+        "title": f"facsynth run report ({task} task): {run_dir.resolve().name}",
+        "metric_label": scored[0].label if scored else "metric",
+        "metric_extra": [k for k in (scored[0].values if scored else {})
+                         if k not in (scored[0].name, "n", "n_positive")],
         "rounds": [_round_view(r, history.rounds, rejected[r.round], max_missing)
                    for r in history.rounds],
         "first": history.rounds[0],
@@ -82,6 +87,16 @@ def write_report(
 
 
 @cache
+def _task(run_dir: Path) -> str:
+    """The run's task as its config says (toxicity for runs from before tasks)."""
+    from tools.rundir import RunConfig
+
+    try:
+        return RunConfig.read(run_dir).task
+    except FacsynthError:
+        return "toxicity"
+
+
 def _template() -> Any:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
@@ -228,13 +243,14 @@ def _fac_figure(rounds: Sequence[RoundRecord]) -> Any:
     scored = [r for r in rounds if r.metric is not None]
     if scored:
         ax2 = ax.twinx()
-        ax2.plot([r.round for r in scored], [r.metric.auprc for r in scored if r.metric],
-                 "s--", color="tab:orange", label="AUPRC")
-        ax2.set_ylabel("detector AUPRC", color="tab:orange")
+        name = scored[0].metric.label if scored[0].metric else "metric"
+        ax2.plot([r.round for r in scored], [r.metric.value for r in scored if r.metric],
+                 "s--", color="tab:orange", label=name)
+        ax2.set_ylabel(f"downstream {name}", color="tab:orange")
         ax2.set_ylim(0, 1.05)
-        ax.set_title("FAC and detector AUPRC per round")
+        ax.set_title(f"FAC and downstream {name} per round")
     else:
-        ax.set_title("FAC per round (no detector metric recorded)")
+        ax.set_title("FAC per round (no downstream metric recorded)")
     return fig
 
 

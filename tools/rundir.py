@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tools.data import write_text_atomic
 from tools.detector import DetectorSettings
@@ -148,12 +155,20 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    task: str = Field("toxicity", description="what the rows are and the downstream model "
+                      "(tools/tasks: toxicity, reward, steering)")
+    task_options: dict[str, Any] = Field(
+        default_factory=dict, description="the task's own options, e.g. {'layer': 12} for "
+        "steering (its dataclass fields)")
     anchor: str
     data: str
     eval: str | None = None
     eval_frac: float = Field(0.25, gt=0, lt=1)
     text_field: str = "text"
     label_field: str = "label"
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="a pair task's column names, schema field -> "
+        "column (e.g. {'prompt': 'question'}); text tasks use text_field/label_field")
     settings: RunSettings = RunSettings()
     loop: LoopSettings = LoopSettings()
     detector: DetectorSettings = DetectorSettings()
@@ -225,9 +240,28 @@ class MissingSummary(BaseModel):
 
 
 class Metric(BaseModel):
-    auprc: float
-    auroc: float
-    best_f1: float
+    """A round's downstream score on the eval set: the task's headline metric (`name`, e.g.
+    auprc, pairwise_accuracy, scr; higher is better) and everything else it measured."""
+
+    name: str = "auprc"
+    value: float
+    values: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older(cls, data: Any) -> Any:
+        """Runs from before tasks stored {auprc, auroc, best_f1}."""
+        if isinstance(data, dict) and "value" not in data and "auprc" in data:
+            return {"name": "auprc", "value": data["auprc"], "values": dict(data)}
+        return data
+
+    @property
+    def label(self) -> str:
+        """The headline's display name (AUPRC, pairwise accuracy, SCR)."""
+        return METRIC_LABELS.get(self.name, self.name)
+
+
+METRIC_LABELS = {"auprc": "AUPRC", "pairwise_accuracy": "pairwise accuracy", "scr": "SCR"}
 
 
 class RoundRecord(BaseModel):

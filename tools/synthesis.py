@@ -31,7 +31,8 @@ from tools.interpret import (
     score_interpretation,
 )
 from tools.probe import top_spans
-from tools.relevance import Agreement, Relevance, agreement, judge_feature, keep
+from tools.relevance import PROMPT as RELEVANCE_PROMPT
+from tools.relevance import Agreement, Relevance, agreement, judge_feature, keep, verdict_key
 from tools.verify import Sample, VerifyReport, verify
 from tools.workspace import Workspace
 
@@ -78,13 +79,16 @@ def interpret_missing(
     relevance: Relevance = "label",
     score_with: tuple[Sequence[str], SpanFn] | None = None,
     describe: Literal["llm", "spans"] = "llm",
+    prompt: str = RELEVANCE_PROMPT,
 ) -> Interpreted:
     """Summaries (feature memory first, else the LLM) for the top `limit` missing features;
     LLM relevance verdicts unless `relevance == "label"`; detection scores when `score_with`
     = (anchor texts, held-out span finder) is given. Everything learnt goes to memory.
     `describe="spans"` asks the LLM nothing: features without a remembered summary are
     described by their strongest span (a 135M generator fails most summaries after three
-    long attempts each, the slowest part of a round on CPU)."""
+    long attempts each, the slowest part of a round on CPU). `prompt` is the task's relevance
+    prompt; its verdicts are remembered per task (`verdict_key`)."""
+    key = verdict_key(prompt)
     missing = report.missing[:limit]
     spans = {m.feature: m.spans for m in missing}
     if describe == "llm":
@@ -94,14 +98,14 @@ def interpret_missing(
     updated: list[FeatureRecord] = []
     for f, rec in records.items():
         changed = False
-        if relevance != "label" and "llm" not in rec.relevance:
+        if relevance != "label" and key not in rec.relevance:
             try:
-                answer = judge_feature(rec.summary, rec.spans, client)
+                answer = judge_feature(rec.summary, rec.spans, client, prompt)
             except LLMOutputError as e:
                 log.warning("feature %d: no relevance verdict (%s)", f, e)
             else:
-                rec.relevance["llm"] = answer.verdict
-                rec.relevance["llm_reason"] = answer.reason
+                rec.relevance[key] = answer.verdict
+                rec.relevance[f"{key}_reason"] = answer.reason
                 changed = True
         if score_with and "detection" not in rec.scores and rec.interpretable:
             texts, finder = score_with
@@ -128,11 +132,11 @@ def interpret_missing(
         Feature(
             record=records[m.feature], log_odds=m.log_odds, spans=[x.text for x in m.spans],
             targeted=records[m.feature].interpretable
-            and keep(records[m.feature].relevance.get("llm"), relevance),
+            and keep(records[m.feature].relevance.get(key), relevance),
         )
         for m in missing if m.feature in records
     ]
-    verdicts = [f.record.relevance["llm"] for f in features if "llm" in f.record.relevance]
+    verdicts = [f.record.relevance[key] for f in features if key in f.record.relevance]
     return Interpreted(
         relevance=relevance, features=features,
         failed=failed,

@@ -41,9 +41,13 @@ class Provenance(BaseModel):
 
 
 class Sample(BaseModel):
-    text: str
+    text: str = Field(description="what the verifier probes: the row itself (toxicity), or "
+                      "the preferred side of a pair task's row (its probe text)")
     label: int | None = None
     provenance: Provenance
+    fields: dict[str, str] | None = Field(
+        None, description="a pair task's row (prompt, chosen, rejected; tools/tasks/pairs.py); "
+        "None for text rows")
 
 
 class Verdict(BaseModel):

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -36,6 +36,41 @@ DeltaOpt = Annotated[
     float | None, typer.Option(help="one absolute threshold (implies --threshold absolute)")
 ]
 TextField = Annotated[str, typer.Option(help="name of the text column")]
+TaskOpt = Annotated[str, typer.Option(
+    help="what the rows are and what is trained on them: toxicity (text + 0/1 label -> a "
+         "detector, AUPRC), reward (prompt, chosen, rejected -> a Bradley-Terry reward head, "
+         "pairwise accuracy) or steering (A/B question, matching, not_matching -> a CAA "
+         "steering vector, SCR)")]
+FieldsOpt = Annotated[list[str] | None, typer.Option(
+    "--field", help="a pair task's column name, FIELD=COLUMN, e.g. --field prompt=question "
+    "(repeat; fields: reward prompt/chosen/rejected, steering question/matching/not_matching)")]
+TaskOptionsOpt = Annotated[list[str] | None, typer.Option(
+    "--task-option", help="a task option, KEY=VALUE, e.g. --task-option layer=12 (steering) "
+    "or --task-option prompt_chars=400 (reward); repeat")]
+
+
+def key_values(items: list[str] | None, flag: str) -> dict[str, str]:
+    """Repeated KEY=VALUE options as a dict; a malformed one is a ConfigError."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{flag} {item!r}: write KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def task_options(items: list[str] | None) -> dict[str, Any]:
+    """--task-option values, numbers as numbers (JSON), else strings."""
+    import json
+
+    out: dict[str, Any] = {}
+    for key, value in key_values(items, "--task-option").items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 LabelField = Annotated[str, typer.Option(help="name of the 0/1 label column")]
 
 

@@ -15,15 +15,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from agent.cli.common import (
+    FieldsOpt,
     GeneratorOpt,
     ModelOpt,
     RelevanceOpt,
     SaeOpt,
+    TaskOpt,
+    TaskOptionsOpt,
     app,
     err,
+    key_values,
     one_line_errors,
     out,
     save,
+    task_options,
     writable,
 )
 from agent.runs import build_settings as settings_from
@@ -212,9 +217,12 @@ def improve(
     anchor: Annotated[Path | None, typer.Option(help="labelled rows representing the task")] = None,
     data: Annotated[Path | None, typer.Option(help="the training data to improve")] = None,
     eval_path: Annotated[
-        Path | None, typer.Option("--eval", help="held-out labelled rows for the detector metric "
-                                  "(default: a stratified 25% of the anchor, kept out of it)")
+        Path | None, typer.Option("--eval", help="held-out labelled rows for the downstream "
+                                  "metric (default: 25% of the anchor, kept out of it)")
     ] = None,
+    task: TaskOpt = "toxicity",
+    field: FieldsOpt = None,
+    task_option: TaskOptionsOpt = None,
     resume: Annotated[
         Path | None, typer.Option(help="continue the run in this folder where it stopped")
     ] = None,
@@ -256,7 +264,7 @@ def improve(
     ] = None,
     epsilon: Annotated[float, typer.Option(help="stop when FAC gains less than this")] = 0.01,
     patience: Annotated[
-        int, typer.Option(help="stop after this many rounds without a better AUPRC")
+        int, typer.Option(help="stop after this many rounds without a better eval metric")
     ] = 1,
     focus: Annotated[
         str, typer.Option(help="data (features absent from the data), model (over-represented "
@@ -286,7 +294,8 @@ def improve(
     seed: int = 0,
 ) -> None:
     """Self-improvement rounds: coverage -> interpret -> generate -> verify -> train ->
-    evaluate, until FAC gains level off. Kill it any time; `--resume RUN_DIR` continues."""
+    evaluate, until FAC gains level off. The task (--task) says what a row is and what is
+    trained and scored on them. Kill it any time; `--resume RUN_DIR` continues."""
     from agent.runs import start_run, validated
     from tools.detector import DetectorSettings
     from tools.label_gate import LabelGateSettings
@@ -301,7 +310,8 @@ def improve(
                 raise ConfigError("give --anchor, --data and --run-dir (or --resume RUN_DIR)")
             what = "improve options"
             cfg = validated(
-                RunConfig, what, anchor=str(anchor), data=str(data),
+                RunConfig, what, anchor=str(anchor), data=str(data), task=task,
+                fields=key_values(field, "--field"), task_options=task_options(task_option),
                 eval=str(eval_path) if eval_path else None, relevance=relevance,
                 settings=validated(RunSettings, what, model=model, sae=sae,
                                    generator=generator),
@@ -374,7 +384,7 @@ def _run_loop(run: Path, cfg: RunConfig, resuming: bool) -> dict[str, Any]:
 
     def on_round(rec: Any) -> None:
         gain = f" ({rec.fac - prev['fac']:+.3f})" if "fac" in prev else ""
-        metric = f", AUPRC {rec.metric.auprc:.3f}" if rec.metric else ""
+        metric = f", {rec.metric.label} {rec.metric.value:.3f}" if rec.metric else ""
         made = (f", kept {rec.kept}/{rec.generated} (hit {rec.hit_rate:.0%}, "
                 f"{rec.disputed} label-disputed)" if rec.round else "")
         out.print(f"round {rec.round}: FAC {rec.fac:.3f}{gain} (graded {rec.fac_graded:.3f}), "

@@ -59,7 +59,7 @@ def test_two_rounds_to_the_stop_rule(reference: tuple[dict, dict[str, str]]) -> 
     assert [r["round"] for r in hist] == [0, 1, 2]
     assert hist[0]["fac"] == pytest.approx(2 / 8) and hist[2]["fac"] > hist[1]["fac"] > 0.25
     assert hist[1]["generated"] == 12 and hist[1]["kept"] + hist[1]["rejected"] == 12
-    assert hist[2]["stop_reason"] and hist[2]["metric"]["auprc"] > hist[0]["metric"]["auprc"]
+    assert hist[2]["stop_reason"] and hist[2]["metric"]["value"] > hist[0]["metric"]["value"]
     kept = [json.loads(x) for x in data["data/round-1.jsonl"].splitlines()]
     assert all(f"<{r['provenance']['feature']}>" in r["text"] for r in kept)
     assert data["rejected/round-1.jsonl"].count("target_inactive") == hist[1]["rejected"]
@@ -109,13 +109,13 @@ def test_budget_stops_the_run(tmp_path: Path) -> None:
 def test_decide_rules() -> None:
     loop = LoopSettings(max_rounds=5, budget=50, epsilon=0.05, patience=1)
     base = {"round": 1, "fac_before": 0.5, "fac": 0.7, "missing": [3], "generated_total": 10,
-            "auprc": [0.4, 0.5]}
+            "metric": [0.4, 0.5]}
     assert decide(base, loop) is None  # type: ignore[arg-type]
     assert "FAC gain" in decide({**base, "fac": 0.52}, loop)  # type: ignore[arg-type]
     assert "missing" in decide({**base, "missing": []}, loop)  # type: ignore[arg-type]
     assert "max rounds" in decide({**base, "round": 5}, loop)  # type: ignore[arg-type]
     assert "budget" in decide({**base, "generated_total": 50}, loop)  # type: ignore[arg-type]
-    assert "AUPRC" in decide({**base, "auprc": [0.5, 0.45]}, loop)  # type: ignore[arg-type]
+    assert "eval metric" in decide({**base, "metric": [0.5, 0.45]}, loop)  # type: ignore[arg-type]
     assert decide({**base, "round": 0, "fac": 0.5}, loop) is None  # type: ignore[arg-type]
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from agent.engine import Engine
+from agent.steps import Rows
 from prompts import render
 from tests.fakes import TOY_ANCHOR, BagOfWordsWorkspace, ScriptedChat, bag_of_words
 from tools.data import TextDataset
@@ -145,7 +146,7 @@ def _sample(text: str, label: int) -> Sample:
 def _engine(tmp_path: Path, chat: object) -> tuple[Engine, Path]:
     engine = Engine(BagOfWordsWorkspace(tmp_path), ANCHOR, None, chat)  # type: ignore[arg-type]
     assert ANCHOR.labels is not None
-    engine.train(ANCHOR.texts, ANCHOR.labels, tmp_path / "model")
+    engine.train(Rows(ANCHOR, []), tmp_path / "model")
     return engine, tmp_path / "model"
 
 

@@ -14,6 +14,7 @@ root mean square of d) ignores signs, so the flips only make it a binary problem
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,7 @@ class RewardTask:
     name: ClassVar[str] = "reward"
     headline: ClassVar[str] = "pairwise_accuracy"
     fields: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
-    generate_prompt: ClassVar[str | None] = None  # needs a (prompt, chosen, rejected) parser
+    generate_prompt: ClassVar[str | None] = "generate_reward.v1"
     relevance_prompt: ClassVar[str] = "relevance_reward.v1"
 
     prompt_chars: int = 600
@@ -175,6 +176,30 @@ class RewardTask:
         seed_idx = np.array(sorted(picked), dtype=np.int64)
         return PairSplit(seed_idx, np.setdiff1d(rest, seed_idx), dev)
 
+    def bind(self, ws: Any) -> RewardTask:
+        """The task for a workspace (the head reads the features it is given: unchanged)."""
+        return self
+
+    # -- generated rows ------------------------------------------------------------------
+    def format_row(self, prompt: str, chosen: str, rejected: str) -> str:
+        """A pair in the layout the generation prompt asks for (its last human turn)."""
+        human = prompt.rsplit("Human:", 1)[-1].split("\n\nAssistant:", 1)[0].strip()
+        return (f"Human: {' '.join(human.split())}\nBetter reply: {' '.join(chosen.split())}"
+                f"\nWorse reply: {' '.join(rejected.split())}")
+
+    def parse(self, reply: str) -> tuple[str, str, str] | None:
+        """(prompt, chosen, rejected) from a reply in `format_row`'s layout, as HH-RLHF
+        writes them ("\\n\\nHuman: ...\\n\\nAssistant:", replies after a space); None when
+        a part is missing, empty, or both replies are the same."""
+        m = _ROW.search(reply)
+        if m is None:
+            return None
+        human, better, worse = m.group(1), m.group(2), m.group(3).split("\n\n")[0]
+        human, better, worse = (" ".join(g.split()).strip("\"'") for g in (human, better, worse))
+        if not (human and better and worse) or better == worse:
+            return None
+        return f"\n\nHuman: {human}\n\nAssistant:", " " + better, " " + worse
+
     # -- the downstream model ------------------------------------------------------------
     def features(self, data: PairDataset, features: Features) -> tuple[np.ndarray, np.ndarray]:
         """([n, d] chosen, [n, d] rejected) features, from one call (one probe batch)."""
@@ -209,6 +234,18 @@ class RewardTask:
         lr.fit(sign[:, None] * d / scale, (sign > 0).astype(np.int64), sample_weight=w)
         return BradleyTerryHead(np.asarray(lr.coef_[0], dtype=np.float64), scale)
 
+    def save_model(self, model: BradleyTerryHead, folder: Path) -> None:
+        from tools.tasks.pairs import save_arrays
+
+        save_arrays(folder, {"weights": model.weights, "scale": model.scale},
+                    {"task": self.name, "kind": "bradley-terry"})
+
+    def load_model(self, folder: Path) -> BradleyTerryHead:
+        from tools.tasks.pairs import load_arrays
+
+        arrays, _ = load_arrays(folder, "reward head")
+        return BradleyTerryHead(arrays["weights"], arrays["scale"])
+
     def agreement(self, model: BradleyTerryHead, data: PairDataset,
                   features: Features) -> np.ndarray:
         """[n] P(chosen beats rejected) under the head."""
@@ -232,6 +269,10 @@ class RewardTask:
         acc = float(np.mean(margin > 0) + 0.5 * np.mean(margin == 0))
         return {"pairwise_accuracy": acc, "mean_margin": float(margin.mean()),
                 "n": float(len(data))}
+
+
+_ROW = re.compile(r"Human:\s*(.+?)\n\s*Better reply:\s*(.+?)\n\s*Worse reply:\s*(.+?)\s*$",
+                  re.DOTALL | re.IGNORECASE)
 
 
 def pair_weights(n: int, synthetic: Sequence[bool] | None, share: float | None) -> np.ndarray:
