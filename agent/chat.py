@@ -53,7 +53,7 @@ from tools.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PROMPT = "chat_system.v2"
+PROMPT = "chat_system.v3"
 SESSIONS = "chat.sqlite"
 RECURSION_LIMIT = 60
 TOOL_CALL_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
@@ -130,12 +130,18 @@ def _run(spec: ToolSpec, box: Toolbox, args: dict[str, Any], hooks: Hooks,
         raise ToolException(internal_error(spec.name, e)) from e
 
 
-def system_prompt(box: Toolbox, tools: Sequence[BaseTool]) -> str:
+def system_prompt(box: Toolbox, tools: Sequence[BaseTool], task: str = "toxicity") -> str:
+    """The chat agent's instructions for a session on `task` (tools/tasks)."""
+    from tools.tasks import TASKS
+
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     files = sorted(
         box.sandbox.rel(p) for pattern in ("*.jsonl", "*.csv", "*.parquet", "*/*.jsonl", "*/*.csv")
         for p in box.root.glob(pattern) if STATE_DIR not in p.parts
     )[:20]
-    return render(PROMPT, root=str(box.root), files=files,
+    return render(PROMPT, root=str(box.root), files=files, task=task,
+                  about=getattr(TASKS[task], "about", task),
                   tools=[{"name": t.name, "description": t.description.split("\n")[0]}
                          for t in tools])
 

@@ -144,8 +144,10 @@ def main(
     session_id: str | None = None,
     messages: Sequence[str] | None = None,
     yes: bool = False,
+    task: str = "toxicity",
 ) -> None:
-    """`facsynth chat`: start the chat model (and, for vllm, its server), then talk."""
+    """`facsynth chat`: start the chat model (and, for vllm, its server), then talk about
+    datasets of `task` (tools/tasks)."""
     from agent.llm import choose_backend
 
     box = Toolbox(settings, root)
@@ -161,7 +163,7 @@ def main(
             box.use_llm(client)
         hooks = Hooks()
         tools = make_tools(box, hooks)
-        graph = build_graph(model, tools, system_prompt(box, tools), checkpoints)
+        graph = build_graph(model, tools, system_prompt(box, tools, task), checkpoints)
         session = ChatSession(graph, session_id)
         verb = "resuming" if session_id else "new"
         out.print(f"[bold]facsynth chat[/] ({verb} session [bold]{session.id}[/]; resume with "

@@ -41,38 +41,42 @@ class CoverageCache:
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
-    def file(self, anchor: Path, data: Path) -> Path:
-        """The cache file of the pair (PathRefused when it would lead out of the root)."""
-        key = hashlib.sha256(f"{anchor}\n{data}".encode()).hexdigest()[:16]
+    def file(self, anchor: Path, data: Path, task: str = "toxicity") -> Path:
+        """The cache file of the pair read as `task`'s rows (PathRefused when it would lead
+        out of the root)."""
+        pair = f"{anchor}\n{data}" + ("" if task == "toxicity" else f"\n{task}")
+        key = hashlib.sha256(pair.encode()).hexdigest()[:16]
         return self.sandbox.state_path("coverage", f"{key}.json")
 
-    def lookup(self, anchor: Path, data: Path) -> tuple[str, CoverageReport | None]:
+    def lookup(self, anchor: Path, data: Path, task: str = "toxicity"
+               ) -> tuple[str, CoverageReport | None]:
         """(the pair's fingerprint now, its report when one was measured on exactly that)."""
         from tools.coverage import CoverageReport
 
         fp = self.fingerprint(anchor, data)
-        held = self._held.get((str(anchor), str(data)))
+        held = self._held.get((str(anchor), str(data), task))
         if held and held[0] == fp:
             return fp, held[1]
-        cache = self.file(anchor, data)
+        cache = self.file(anchor, data, task)
         if cache.exists():
             try:
                 saved = json.loads(cache.read_text(encoding="utf-8"))
                 if saved.get("fingerprint") == fp:
                     report = CoverageReport.model_validate(saved["report"])
-                    self._held[(str(anchor), str(data))] = (fp, report)
+                    self._held[(str(anchor), str(data), task)] = (fp, report)
                     return fp, report
             except (ValueError, KeyError):
                 pass  # unreadable: measure again
         return fp, None
 
-    def store(self, anchor: Path, data: Path, fp: str, report: CoverageReport) -> None:
+    def store(self, anchor: Path, data: Path, fp: str, report: CoverageReport,
+              task: str = "toxicity") -> None:
         """Keep `report`, measured when the pair's fingerprint was `fp`."""
-        write_text_atomic(self.file(anchor, data), json.dumps({
-            "fingerprint": fp, "anchor": str(anchor), "data": str(data),
+        write_text_atomic(self.file(anchor, data, task), json.dumps({
+            "fingerprint": fp, "anchor": str(anchor), "data": str(data), "task": task,
             "report": report.model_dump(mode="json"),
         }))
-        self._held[(str(anchor), str(data))] = (fp, report)
+        self._held[(str(anchor), str(data), task)] = (fp, report)
 
     def forget(self) -> None:
         """Drop the reports held in memory (the next lookup reads the cache files)."""

@@ -91,6 +91,9 @@ Relevance = Annotated[Literal["label", "llm", "auto"], Field(
     description="which missing features to target: label (the anchor labels' judge), llm "
     "(the LLM must also judge them relevant) or auto")]
 Resume = Annotated[bool, Field(description="continue the run already in run_dir")]
+TaskName = Annotated[Literal["toxicity", "reward", "steering"], Field(
+    description="what the rows are: toxicity (text + 0/1 label), reward (prompt, chosen, "
+    "rejected preference pairs) or steering (A/B question, matching, not_matching)")]
 
 
 def _clip(text: str, n: int = 240) -> str:
@@ -200,20 +203,31 @@ class Toolbox:
         real = self._file(path)
         return real, load_texts(real, require_labels=labels)
 
+    def _probe_set(self, path: str, task: str, *, labels: bool) -> tuple[Path, TextDataset]:
+        """The texts the probe reads from a file of `task`'s rows (a pair task's contrast:
+        each pair's chosen side labelled 1, its rejected side 0)."""
+        if task == "toxicity":
+            return self._dataset(path, labels=labels)
+        from tools.tasks import get_task
+
+        real = self._file(path)
+        return real, get_task(task).probe_texts(get_task(task).load(real)).dataset()
+
     def _report(
-        self, anchor: str, data: str, progress: ProgressFn | None = None
+        self, anchor: str, data: str, progress: ProgressFn | None = None,
+        task: str = "toxicity",
     ) -> tuple[CoverageReport, TextDataset, TextDataset, bool, Path]:
         """(report, anchor set, data set, reused?, cache file) for the pair."""
-        a_path, a = self._dataset(anchor, labels=True)
-        d_path, d = self._dataset(data, labels=False)
-        fp, report = self.coverage_cache.lookup(a_path, d_path)
-        cache = self.coverage_cache.file(a_path, d_path)
+        a_path, a = self._probe_set(anchor, task, labels=True)
+        d_path, d = self._probe_set(data, task, labels=False)
+        fp, report = self.coverage_cache.lookup(a_path, d_path, task)
+        cache = self.coverage_cache.file(a_path, d_path, task)
         if report is not None:
             return report, a, d, True, cache
         step = _Progress(progress, float(len(a) + len(d)))
         with self._lock:
             report = self.workspace.coverage(a, d, lambda n: step("probing", n))
-        self.coverage_cache.store(a_path, d_path, fp, report)
+        self.coverage_cache.store(a_path, d_path, fp, report, task)
         return report, a, d, False, cache
 
     def _missing_info(self, report: CoverageReport, limit: int, spans: int) -> list[MissingInfo]:
@@ -261,13 +275,14 @@ class Toolbox:
 
     @validate_call
     def coverage(
-        self, anchor: Anchor, data: Data, top: Top = 10, progress: ProgressFn | None = None
+        self, anchor: Anchor, data: Data, top: Top = 10, task: TaskName = "toxicity",
+        progress: ProgressFn | None = None,
     ) -> CoverageSummary:
         """Feature Activation Coverage (FAC) of `data` against the task features of the
         labelled `anchor` set, with the top missing features and a span that activates each.
 
-        The report is cached per anchor/data pair until either file changes."""
-        report, _, _, cached, cache = self._report(anchor, data, progress)
+        The report is cached per anchor/data pair and task until either file changes."""
+        report, _, _, cached, cache = self._report(anchor, data, progress, task)
         return CoverageSummary(
             anchor=anchor, data=data, fac=round(report.fac, 4),
             fac_graded=round(report.fac_graded, 4), n_task=report.n_task,
@@ -280,10 +295,11 @@ class Toolbox:
         )
 
     @validate_call
-    def missing_features(self, anchor: Anchor, data: Data, limit: Limit = 20) -> MissingFeatures:
+    def missing_features(self, anchor: Anchor, data: Data, limit: Limit = 20,
+                         task: TaskName = "toxicity") -> MissingFeatures:
         """The task features `data` never activates (most task-specific first), each with its
         strongest anchor spans and its summary when known."""
-        report, *_ = self._report(anchor, data)
+        report, *_ = self._report(anchor, data, task=task)
         return MissingFeatures(
             anchor=anchor, data=data, fac=round(report.fac, 4),
             fac_graded=round(report.fac_graded, 4), n_missing=len(report.missing),
@@ -434,10 +450,11 @@ class Toolbox:
         self, anchor: Anchor, data: Data, run_dir: RunDir = "runs/improve", rounds: Rounds = 1,
         budget: Budget = 40, top: Top = 5, per_feature: PerFeature = 2,
         relevance: Relevance = "auto", resume: Resume = False, seed: Seed = 0,
-        progress: ProgressFn | None = None,
+        task: TaskName = "toxicity", progress: ProgressFn | None = None,
     ) -> ImproveResult:
         """Run self-improvement rounds in `run_dir`: coverage, interpret, generate, verify,
-        train a detector, evaluate; stops when FAC stops improving or at `rounds`/`budget`.
+        train the task's model (a detector, a reward head, a steering vector), evaluate;
+        stops when FAC stops improving or at `rounds`/`budget`.
 
         Takes minutes. With resume=true it continues the run in `run_dir` with that run's
         own settings (the other arguments are then ignored)."""
@@ -454,7 +471,8 @@ class Toolbox:
         else:
             s = self.settings
             cfg = start_run(run, RunConfig(
-                anchor=str(self._file(anchor)), data=str(self._file(data)), relevance=relevance,
+                task=task, anchor=str(self._file(anchor)), data=str(self._file(data)),
+                relevance=relevance,
                 settings=RunSettings(model=s.model, sae=s.sae, generator=s.generator),
                 loop=LoopSettings(max_rounds=rounds, budget=budget, top=top, seed=seed,
                                   per_feature=per_feature)), resume_hint="resume=true")

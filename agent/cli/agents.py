@@ -12,6 +12,7 @@ from agent.cli.common import (
     GeneratorOpt,
     ModelOpt,
     SaeOpt,
+    TaskOpt,
     app,
     err,
     one_line_errors,
@@ -36,17 +37,20 @@ def chat(
         typer.Option("--message", "-m", help="send these messages in order, then exit"),
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", help="confirm long tools without asking")] = False,
+    task: TaskOpt = "toxicity",
     generator: GeneratorOpt = None,
     model: ModelOpt = None,
     sae: SaeOpt = None,
 ) -> None:
     """Talk to an agent that measures coverage, explains missing features, generates samples
-    and runs improve rounds for you (needs a tool-calling endpoint or the managed vLLM)."""
+    and runs improve rounds for you, on the task --task names (needs a tool-calling
+    endpoint or the managed vLLM)."""
     from agent.chat_terminal import main as chat_main
 
     with one_line_errors():
         settings = settings_from(model=model, sae=sae, generator=generator)
-        chat_main(settings, root, out, err, session_id=session, messages=message, yes=yes)
+        chat_main(settings, root, out, err, session_id=session, messages=message, yes=yes,
+                  task=task)
 
 
 @app.command()

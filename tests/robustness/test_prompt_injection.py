@@ -37,8 +37,12 @@ UNTRUSTED: dict[str, dict[str, Any]] = {
     "baseline_self_instruct.v3": {"examples": [ROW, ROW], "label": 1},
     "baseline_evol_depth.v3": {"message": ROW, "operation": "deepen", "label": 1},
     "baseline_evol_breadth.v3": {"message": ROW, "label": 0},
-    "chat_system.v2": {"root": "/w", "files": [ROW], "tools": []},
+    "chat_system.v3": {"root": "/w", "files": [ROW], "tools": [], "task": "toxicity",
+                       "about": "a task"},
     "judge_label.v1": {"text": ROW},
+    "generate_reward.v1": {"summary": ROW, "spans": [ROW], "label": 1, "host": ROW, "k": 0},
+    "generate_steering.v1": {"summary": ROW, "spans": [ROW], "label": 1, "host": ROW, "k": 0},
+    "relevance_steering.v1": {"summary": ROW, "spans": [ROW]},
 }
 TRUSTED_ONLY = {"baseline_random.v2"}  # no dataset text in it
 # raw completion prompts for a model trained on their layout (tools/adapted.py): no

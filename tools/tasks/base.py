@@ -67,6 +67,8 @@ class Task(Protocol[D, M]):
     name: ClassVar[str]
     headline: ClassVar[str]
     """The key of `metric` that decides (higher is better)."""
+    about: ClassVar[str]
+    """One sentence for people and the chat agent: the rows, the model, the metric."""
     fields: ClassVar[tuple[str, ...]]
     """The schema's fields, in order; `load(fields={...})` renames them."""
     generate_prompt: ClassVar[str | None]

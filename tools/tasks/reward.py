@@ -85,6 +85,10 @@ class RewardTask:
 
     name: ClassVar[str] = "reward"
     headline: ClassVar[str] = "pairwise_accuracy"
+    about: ClassVar[str] = (
+        "reward modelling: rows are preference pairs (prompt, chosen, rejected); the "
+        "downstream model is a Bradley-Terry reward head scored by pairwise accuracy on "
+        "held-out pairs")
     fields: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
     generate_prompt: ClassVar[str | None] = "generate_reward.v1"
     relevance_prompt: ClassVar[str] = "relevance_reward.v1"

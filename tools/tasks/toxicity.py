@@ -27,6 +27,9 @@ class ToxicityTask:
 
     name: ClassVar[str] = "toxicity"
     headline: ClassVar[str] = "auprc"
+    about: ClassVar[str] = (
+        "toxicity detection: rows are texts with a 0/1 label (1 = toxic, harmful or to be "
+        "flagged); the downstream model is a detector scored by AUPRC on held-out rows")
     fields: ClassVar[tuple[str, ...]] = ("text", "label")
     # the prompts tools/generate.py and tools/relevance.py use (tests keep them in step)
     generate_prompt: ClassVar[str | None] = "generate_toxicity.v4"
