@@ -46,21 +46,26 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from tools.data import TextDataset, load_texts, write_text_atomic
-from tools.detector import DetectorSettings, Metrics, evaluate, fit_detector
+from tools.data import TextDataset, write_text_atomic
+from tools.detector import DetectorSettings
 from tools.errors import ConfigError
 from tools.paired import PairedDiff, paired_diff
 from tools.rundir import LoopSettings, RunConfig, RunPaths, read_samples
 from tools.settings import Settings
-from tools.splits import stratified_split
+from tools.tasks import ToxicityTask, workspace_features
+from tools.tasks.pairs import KEYS
 from tools.verify import Sample, gate_pass_rate
 from tools.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 BASELINES = ("random", "self-instruct", "evol-instruct", "magpie")
+PAIR_BASELINES = ("random", "self-instruct")
+TEXT_ONLY = ("evol-instruct", "magpie")
+"""Baselines that write single texts only (pair tasks compare the others)."""
 FIXED = ("seed", "full", "fac", *BASELINES)
 DEFAULT_METHODS = ("seed", "full", "fac", *BASELINES)
+PAIR_METHODS = ("seed", "full", "fac", *PAIR_BASELINES)
 Protocol = Literal["seed", "anchor"]
 Progress = Callable[[str], None]
 
@@ -70,6 +75,10 @@ class CompareSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    task: str = Field("toxicity", description="what the rows are and what is trained on "
+                      "them (tools/tasks: toxicity, reward, steering)")
+    task_options: dict[str, Any] = Field(default_factory=dict,
+                                         description="the task's own options")
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
     variants: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="name -> LoopSettings fields: fac with other "
@@ -94,6 +103,15 @@ class CompareSettings(BaseModel):
     detector: DetectorSettings = Field(default_factory=DetectorSettings)
 
     def check(self) -> None:
+        from tools.tasks import get_task
+
+        get_task(self.task, **self.task_options)  # an unknown task or option fails now
+        if self.task != "toxicity":
+            text_only = [m for m in self.methods if m in TEXT_ONLY]
+            if text_only:
+                raise ConfigError(f"{', '.join(text_only)}: a text baseline; the {self.task} "
+                                  f"task compares {', '.join(PAIR_BASELINES)} (they write "
+                                  "whole pairs)")
         known = set(FIXED) | set(self.variants)
         unknown = [m for m in self.methods if m not in known]
         if unknown:
@@ -165,20 +183,24 @@ class MethodResult(BaseModel):
     loop: LoopStats | None = Field(None, description="fac methods: requests, hits, gate")
     fac: float
     fac_graded: float
-    auprc_mean: float
-    auprc_std: float
-    auroc_mean: float
-    per_seed_auprc: list[float]
+    metric_mean: float = Field(description="the task's headline metric (CompareResult.metric)")
+    metric_std: float
+    per_seed_metric: list[float]
+    means: dict[str, float] = Field(default_factory=dict,
+                                    description="every metric the task measured, averaged")
     label_agreement: float | None = Field(
         None, description="added rows whose label a detector trained on all real pool rows "
         "agrees with (diagnostic)")
     positive_agreement: float | None = Field(None, description="the same, label-1 rows only")
-    paired: PairedDiff | None = Field(None, description="AUPRC minus the reference's, paired")
+    paired: PairedDiff | None = Field(None, description="the metric minus the reference's, "
+                                      "paired by seed")
     also: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="per extra eval file: AUPRC mean and paired diff")
+        default_factory=dict, description="per extra eval file: metric mean and paired diff")
 
 
 class CompareResult(BaseModel):
+    task: str = "toxicity"
+    metric: str = Field("auprc", description="the headline metric every method is scored by")
     protocol: Protocol
     reference: str
     rule: str = Field(description="how kept budgets were equalised")
@@ -188,8 +210,8 @@ class CompareResult(BaseModel):
     n_eval: int
     kept: list[int] = Field(description="rows every synthetic method added, per seed")
     methods: dict[str, MethodResult]
-    spearman_fac_auprc: float
-    spearman_graded_auprc: float
+    spearman_fac_metric: float
+    spearman_graded_metric: float
     seconds: float = 0.0
 
 
@@ -202,8 +224,8 @@ class Row(BaseModel):
     n_added: int
     fac: float
     fac_graded: float
-    metrics: Metrics
-    also: dict[str, Metrics] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(description="the task's metrics on the eval rows")
+    also: dict[str, dict[str, float]] = Field(default_factory=dict)
     agreement: float | None = None
     positive_agreement: float | None = None
 
@@ -214,31 +236,29 @@ def work_key(settings: CompareSettings, *parts: Any) -> str:
     are left out: seed s and method m are
     the same whatever else runs, so adding seeds, methods or variants reuses what is done
     (a variant whose settings changed under the same name is refused: `Comparison.generate`)."""
-    shape = settings.model_dump(mode="json",
-                                exclude={"seeds", "methods", "variants", "synthetic_share"})
+    left_out = {"seeds", "methods", "variants", "synthetic_share"}
+    if settings.task == "toxicity" and not settings.task_options:
+        left_out |= {"task", "task_options"}  # as before tasks: their caches stay valid
+    shape = settings.model_dump(mode="json", exclude=left_out)
     blob = json.dumps([shape, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def split_pool(anchor: TextDataset, eval_set: TextDataset | None,
-               eval_frac: float) -> tuple[TextDataset, TextDataset]:
+def split_pool(task: Any, anchor: Any, eval_set: Any | None,
+               eval_frac: float) -> tuple[Any, Any]:
+    """(pool, eval): the eval file's rows, else a fixed held-out share of the anchor (the
+    task's split: stratified for text rows, whole prompt groups for pairs)."""
     if eval_set is not None:
         return anchor, eval_set
-    assert anchor.labels is not None
-    keep, held = stratified_split(anchor.labels, eval_frac, seed=0, texts=anchor.texts)
+    keep, held = task.split(anchor, eval_frac, 0)
     return anchor.subset(keep), anchor.subset(held)
 
 
-def pseudo_labels(scores: np.ndarray, seed_rows: Sequence[int] | np.ndarray,
-                  seed_labels: Sequence[int]
-                  ) -> list[int]:
-    """Seed rows keep their labels; the others are 1 for the top share of scores equal to
-    the seed's positive rate (the seed detector's view of the pool)."""
-    rate = float(np.mean(seed_labels))
-    cut = np.quantile(scores, 1 - rate) if 0 < rate < 1 else 0.5
-    labels = (scores >= cut).astype(int)
-    labels[list(seed_rows)] = list(seed_labels)
-    return [int(x) for x in labels]
+def rows_key(data: Any) -> list[Any]:
+    """A task's rows as plain lists, for `work_key`."""
+    if isinstance(data, TextDataset):
+        return [data.texts, data.labels]
+    return [data.prompts, data.chosen, data.rejected]
 
 
 class LazyOpen:
@@ -255,63 +275,44 @@ class LazyOpen:
 
 
 class Comparison:
-    """One compare run: shared model, SAE, activation cache and LLM across seeds."""
+    """One compare run: shared model, SAE, activation cache and LLM across seeds; the task
+    (tools/tasks) says what a row is, how its model trains and what it scores."""
 
-    def __init__(self, ws: Workspace, llm: Any, pool: TextDataset, ev: TextDataset,
+    def __init__(self, ws: Workspace, llm: Any, task: Any, pool: Any, ev: Any,
                  settings: CompareSettings, work: Path,
-                 also: dict[str, TextDataset] | None = None,
+                 also: dict[str, Any] | None = None,
                  progress: Progress | None = None) -> None:
         self.ws, self.llm, self.pool, self.ev, self.s = ws, llm, pool, ev, settings
+        self.task = task.bind(ws)
+        self.features = workspace_features(ws)
         self.work, self.also = work, also or {}
         self.progress = progress or (lambda what: None)
 
-    # -- detectors ------------------------------------------------------------------------
-    def features(self, texts: Sequence[str]) -> np.ndarray | None:
-        if not self.s.detector.needs_features:
-            return None
-        return self.ws.probe(TextDataset(list(texts), None, "compare")).pooled()
-
-    def fit(self, texts: Sequence[str], labels: Sequence[int], seed: int,
-            n_real: int | None = None) -> Any:
-        folder = None
-        if self.s.detector.kind == "lora":
-            from tools.models import resolve_model_source
-
-            folder = resolve_model_source(self.ws.settings.model, self.ws.settings.home)[0]
+    # -- the task's model -----------------------------------------------------------------
+    def fit(self, data: Any, seed: int, n_real: int | None = None) -> Any:
         extra: dict[str, Any] = {}
-        if n_real is not None and n_real < len(texts) and self.s.synthetic_share is not None:
-            mask = np.arange(len(texts)) >= n_real
+        if n_real is not None and n_real < len(data) and self.s.synthetic_share is not None:
+            mask = np.arange(len(data)) >= n_real
             extra = {"synthetic": mask, "synthetic_share": self.s.synthetic_share}
-        return fit_detector(self.s.detector, list(texts), labels, features=self.features(texts),
-                            model_folder=folder, seed=seed, device=self.ws.settings.device,
-                            **extra)
-
-    def scores(self, model: Any, texts: Sequence[str]) -> np.ndarray:
-        return np.asarray(model.score(list(texts), features=self.features(texts)))
+        return self.task.fit(data, self.features, seed=seed, **extra)
 
     # -- one seed -------------------------------------------------------------------------
     def run_seed(self, s: int) -> list[Row]:
         pool = self.pool
-        assert pool.labels is not None
-        rest, seed_idx = stratified_split(pool.labels, self.s.seed_frac, seed=s, texts=pool.texts)
+        rest, seed_idx = self.task.split(pool, self.s.seed_frac, s)
         seed_set = pool.subset(seed_idx)
-        assert seed_set.labels is not None
         full = pool.subset([*seed_idx, *rest])
-        assert full.labels is not None
-        self.progress(f"seed {s}: reference detectors")
-        seed_model = self.fit(seed_set.texts, seed_set.labels, s)
-        oracle = self.fit(full.texts, full.labels, s)
+        self.progress(f"seed {s}: reference models")
+        seed_model = self.fit(seed_set, s)
+        oracle = self.fit(full, s)
         if self.s.labels == "seed":
-            task_labels = pseudo_labels(self.scores(seed_model, pool.texts), seed_idx,
-                                        seed_set.labels)
-            examples = [t for t, y in zip(seed_set.texts, seed_set.labels, strict=True) if y]
+            task_rows = self.task.pseudo_label(seed_model, pool, self.features, seed_idx)
+            examples = self.task.examples(seed_set)
             labeler = seed_model
         else:
-            task_labels = list(pool.labels)
-            examples = [t for t, y in zip(pool.texts, pool.labels, strict=True) if y]
-            labeler = oracle
-        task = TextDataset(list(pool.texts), task_labels, "task")
-        added = {m: self.generate(m, s, task, seed_set, examples) for m in self.s.synthetic()}
+            task_rows, examples, labeler = pool, self.task.examples(pool), oracle
+        added = {m: self.generate(m, s, task_rows, seed_set, examples)
+                 for m in self.s.synthetic()}
         if "magpie" in added:
             added["magpie"] = self.label(labeler, added["magpie"])
         kept = min([self.s.budget, *(len(v) for v in added.values())])
@@ -327,42 +328,41 @@ class Comparison:
                 rows.append(Row.model_validate_json(cache.read_text()))
                 continue
             self.progress(f"seed {s}: scoring {method}")
-            if method == "full":
-                texts, labels, extra = full.texts, full.labels, []
-            else:
-                extra = added.get(method, [])
-                texts = seed_set.texts + [x.text for x in extra]
-                labels = seed_set.labels + [1 if x.label is None else x.label for x in extra]
-            n_real = len(texts) - len(extra)  # full: every row is real
-            rows.append(self.measure(method, s, texts, labels, extra, n_real, oracle))
+            extra = [] if method == "full" else added.get(method, [])
+            data = full if method == "full" else self.task.extend(seed_set, extra)
+            n_real = len(data) - len(extra)  # full: every row is real
+            rows.append(self.measure(method, s, data, extra, n_real, oracle))
             write_text_atomic(cache, rows[-1].model_dump_json())
         return rows
 
-    def measure(self, method: str, s: int, texts: list[str], labels: list[int],
-                extra: list[Sample], n_real: int, oracle: Any) -> Row:
-        model = self.fit(texts, labels, s, n_real=n_real)
-        assert self.ev.labels is not None
-        metrics = evaluate(self.scores(model, self.ev.texts), self.ev.labels)
-        also = {name: evaluate(self.scores(model, d.texts), d.labels or [])
-                for name, d in self.also.items()}
-        report = self.ws.coverage(self.pool, TextDataset(texts, None, method))
+    def measure(self, method: str, s: int, data: Any, extra: list[Sample], n_real: int,
+                oracle: Any) -> Row:
+        model = self.fit(data, s, n_real=n_real)
+        metrics = self.task.metric(model, self.ev, self.features)
+        also = {name: self.task.metric(model, d, self.features) for name, d in self.also.items()}
+        texts = self.task.probe_texts(data).texts
+        report = self.ws.coverage(self.task.probe_texts(self.pool).dataset(),
+                                  TextDataset(texts, None, method))
         agreement = positive = None
         if extra:
+            added = self.task.extend(self.pool.subset([]), extra)
+            judged = self.task.agreement(oracle, added, self.features) >= 0.5
+            agreement = float(np.mean(judged))
             claimed = np.array([1 if x.label is None else x.label for x in extra])
-            judged = self.scores(oracle, [x.text for x in extra]) >= 0.5
-            agreement = float(np.mean(judged == claimed.astype(bool)))
-            if (claimed == 1).any():
+            if isinstance(added, TextDataset) and (claimed == 1).any():
                 positive = float(np.mean(judged[claimed == 1]))
-        return Row(method=method, seed=s, n_train=len(texts), n_added=len(extra),
+        return Row(method=method, seed=s, n_train=len(data), n_added=len(extra),
                    fac=report.fac, fac_graded=report.fac_graded, metrics=metrics, also=also,
                    agreement=agreement, positive_agreement=positive)
 
     def label(self, model: Any, samples: list[Sample]) -> list[Sample]:
-        y = self.scores(model, [x.text for x in samples]) >= 0.5
+        """Magpie's queries labelled by `model` (text tasks only)."""
+        texts = TextDataset([x.text for x in samples], None, "magpie")
+        y = self.task.scores(model, texts, self.features) >= 0.5
         return [x.model_copy(update={"label": int(v)}) for x, v in zip(samples, y, strict=True)]
 
     # -- generation -----------------------------------------------------------------------
-    def generate(self, method: str, s: int, task: TextDataset, seed_set: TextDataset,
+    def generate(self, method: str, s: int, task_rows: Any, seed_set: Any,
                  examples: list[str]) -> list[Sample]:
         path = self.work / f"s{s}" / f"{method}.jsonl"
         run = RunPaths(self.work / f"s{s}" / method)
@@ -378,7 +378,7 @@ class Comparison:
         if method in BASELINES:
             samples = self.baseline(method, s, examples)
         else:
-            samples = self.fac(method, s, task, seed_set)
+            samples = self.fac(method, s, task_rows, seed_set)
         write_text_atomic(path, "".join(x.model_dump_json() + "\n" for x in samples))
         return samples
 
@@ -387,14 +387,20 @@ class Comparison:
 
         prefix = magpie_prefix(self.ws.model.tokenizer) if method == "magpie" else None
         concurrency = self.s.loop_for("fac", s).concurrency  # the same as fac's
-        bs = BaselineSettings(seed=s, magpie_prefix=prefix, max_tokens=96,
+        pairs = self.s.task != "toxicity"
+        bs = BaselineSettings(seed=s, magpie_prefix=prefix, max_tokens=256 if pairs else 96,
                               max_requests_factor=self.s.request_factor,
                               concurrency=concurrency)
-        return synthesize(method, seeds=examples, budget=self.s.budget,  # type: ignore[arg-type]
-                          client=self.llm, settings=bs)
+        if not pairs:
+            return synthesize(method, seeds=examples,  # type: ignore[arg-type]
+                              budget=self.s.budget, client=self.llm, settings=bs)
+        # a pair task's baselines write whole pairs in the task's layout (tools/baselines/pairs)
+        from tools.baselines.pairs import synthesize_pairs
 
-    def fac(self, method: str, s: int, task: TextDataset, seed_set: TextDataset
-            ) -> list[Sample]:
+        return synthesize_pairs(method, self.task, seeds=examples, budget=self.s.budget,
+                                client=self.llm, settings=bs)
+
+    def fac(self, method: str, s: int, task_rows: Any, seed_set: Any) -> list[Sample]:
         """The real improve loop on (task anchor, seed set); its kept rows of all rounds.
         Its inputs are written into the run folder, so an interrupted compare resumes it.
         The loop's own eval set is the seed set: its metric decides nothing here
@@ -403,12 +409,12 @@ class Comparison:
 
         run_dir = self.work / f"s{s}" / method
         inputs = run_dir.parent / "inputs"
-        for name, part in (("task", task), ("seed", seed_set)):
-            assert part.labels is not None
-            write_text_atomic(inputs / f"{name}.jsonl", "".join(
-                json.dumps({"text": t, "label": y}) + "\n"
-                for t, y in zip(part.texts, part.labels, strict=True)))
-        cfg = RunConfig(anchor=str(inputs / "task.jsonl"), data=str(inputs / "seed.jsonl"),
+        for name, part in (("task", task_rows), ("seed", seed_set)):
+            write_text_atomic(inputs / f"{name}.jsonl", rows_jsonl(part))
+        fields = {} if self.s.task == "toxicity" else dict(zip(self.task.fields, KEYS,
+                                                                strict=True))
+        cfg = RunConfig(task=self.s.task, task_options=self.s.task_options, fields=fields,
+                        anchor=str(inputs / "task.jsonl"), data=str(inputs / "seed.jsonl"),
                         eval=str(inputs / "seed.jsonl"), relevance=self.s.relevance,
                         loop=self.s.loop_for(method, s), detector=self.s.detector)
         resuming = RunPaths(run_dir).config.exists()
@@ -419,25 +425,36 @@ class Comparison:
         return [x for r in range(1, self.s.rounds + 1) for x in read_samples(paths.data(r))]
 
 
-def summarize(rows: list[Row], settings: CompareSettings, kept: list[int]
-              ) -> dict[str, MethodResult]:
+def rows_jsonl(data: Any) -> str:
+    """A task's rows as JSONL in its default schema (text/label, or prompt/chosen/rejected
+    for pairs; `RunConfig.fields` stays empty for them)."""
+    if isinstance(data, TextDataset):
+        assert data.labels is not None
+        return "".join(json.dumps({"text": t, "label": y}) + "\n"
+                       for t, y in zip(data.texts, data.labels, strict=True))
+    return "".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
+                   for p, c, r in zip(data.prompts, data.chosen, data.rejected, strict=True))
+
+
+def summarize(rows: list[Row], settings: CompareSettings, kept: list[int],
+              headline: str = "auprc") -> dict[str, MethodResult]:
     by: dict[str, list[Row]] = {}
     for row in rows:
         by.setdefault(row.method, []).append(row)
     ref = {r.seed: r for r in by.get(settings.reference, [])}
     out = {}
     for method, rs in by.items():
-        auprc = [r.metrics.auprc for r in rs]
+        score = [r.metrics[headline] for r in rs]
         paired = None
         if method != settings.reference and ref:
-            paired = paired_diff(auprc, [ref[r.seed].metrics.auprc for r in rs])
+            paired = paired_diff(score, [ref[r.seed].metrics[headline] for r in rs])
         also: dict[str, dict[str, Any]] = {}
         for name in rs[0].also:
-            mine = [r.also[name].auprc for r in rs]
-            also[name] = {"auprc_mean": float(np.mean(mine))}
+            mine = [r.also[name][headline] for r in rs]
+            also[name] = {"metric_mean": float(np.mean(mine))}
             if method != settings.reference and ref:
                 also[name]["paired"] = paired_diff(
-                    mine, [ref[r.seed].also[name].auprc for r in rs]).model_dump()
+                    mine, [ref[r.seed].also[name][headline] for r in rs]).model_dump()
         agree = [r.agreement for r in rs if r.agreement is not None]
         pos = [r.positive_agreement for r in rs if r.positive_agreement is not None]
         out[method] = MethodResult(
@@ -445,10 +462,10 @@ def summarize(rows: list[Row], settings: CompareSettings, kept: list[int]
             n_added=float(np.mean([r.n_added for r in rs])),
             fac=float(np.mean([r.fac for r in rs])),
             fac_graded=float(np.mean([r.fac_graded for r in rs])),
-            auprc_mean=float(np.mean(auprc)),
-            auprc_std=float(np.std(auprc, ddof=1)) if len(auprc) > 1 else 0.0,
-            auroc_mean=float(np.mean([r.metrics.auroc for r in rs])),
-            per_seed_auprc=auprc, paired=paired, also=also,
+            metric_mean=float(np.mean(score)),
+            metric_std=float(np.std(score, ddof=1)) if len(score) > 1 else 0.0,
+            means={k: float(np.mean([r.metrics[k] for r in rs])) for k in rs[0].metrics},
+            per_seed_metric=score, paired=paired, also=also,
             label_agreement=float(np.mean(agree)) if agree else None,
             positive_agreement=float(np.mean(pos)) if pos else None,
         )
@@ -461,7 +478,7 @@ def spearman(methods: dict[str, MethodResult], field: str) -> float:
     if len(methods) < 3:
         return float("nan")
     xs = [getattr(m, field) for m in methods.values()]
-    ys = [m.auprc_mean for m in methods.values()]
+    ys = [m.metric_mean for m in methods.values()]
     if len(set(xs)) < 2:
         return float("nan")
     return float(spearmanr(xs, ys).statistic)
@@ -478,16 +495,20 @@ def run_compare(
     import time
 
     from agent.llm import open_llm
+    from tools.tasks import get_task
 
     settings.check()
     started = time.monotonic()
-    anchor = load_texts(anchor_path, require_labels=True)
-    ev = load_texts(eval_path, require_labels=True) if eval_path else None
-    extra = {Path(p).stem: load_texts(p, require_labels=True) for p in also}
-    pool, ev = split_pool(anchor, ev, settings.eval_frac)
+    # the toxicity task's detector is compare's --detector
+    task = (ToxicityTask(detector=settings.detector) if settings.task == "toxicity"
+            else get_task(settings.task, **settings.task_options))
+    anchor = task.load(anchor_path, require_labels=True)
+    ev = task.load(eval_path, require_labels=True) if eval_path else None
+    extra = {Path(p).stem: task.load(p, require_labels=True) for p in also}
+    pool, ev = split_pool(task, anchor, ev, settings.eval_frac)
     app = app_settings or Settings()
-    folder = work / work_key(settings, app.model_dump(mode="json"), anchor.texts, anchor.labels,
-                             ev.texts, ev.labels)
+    folder = work / work_key(settings, app.model_dump(mode="json"), *rows_key(anchor),
+                             *rows_key(ev))
     ws = Workspace(app)
     rows: list[Row] = []
     kept: list[int] = []
@@ -495,25 +516,26 @@ def run_compare(
         # the LLM (a vLLM server takes minutes to start) opens only when something is not
         # cached yet: a rerun that only re-scores never starts it
         llm = LazyOpen(lambda: stack.enter_context(open_llm(app, folder, ws)))
-        comp = Comparison(ws, llm, pool, ev, settings, folder, extra, progress)
+        comp = Comparison(ws, llm, task, pool, ev, settings, folder, extra, progress)
         for s in range(settings.seeds):
             got = comp.run_seed(s)
             kept.append(max((r.n_added for r in got), default=0))
             rows.extend(got)
             if on_seed:
                 on_seed(s, got)
-    methods = summarize(rows, settings, kept)
+    methods = summarize(rows, settings, kept, task.headline)
     for name, m in methods.items():
         m.loop = loop_stats(folder, name, settings.seeds)
     return CompareResult(
-        protocol=settings.labels, reference=settings.reference,
+        task=settings.task, metric=task.headline, protocol=settings.labels,
+        reference=settings.reference,
         rule="every synthetic method requested until budget rows passed its own filters "
              f"(at most budget x {settings.request_factor:g} requests), then all were cut to "
              "the seed's smallest kept count",
         external=external_knowledge(settings), settings=settings, n_pool=len(pool),
         n_eval=len(ev), kept=kept, methods=methods,
-        spearman_fac_auprc=spearman(methods, "fac"),
-        spearman_graded_auprc=spearman(methods, "fac_graded"),
+        spearman_fac_metric=spearman(methods, "fac"),
+        spearman_graded_metric=spearman(methods, "fac_graded"),
         seconds=round(time.monotonic() - started, 1),
     )
 

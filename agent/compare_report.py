@@ -1,5 +1,6 @@
-"""The compare result as a table (terminal and HTML) and a plot: each method's paired AUPRC
-difference against the reference with its 95% interval, and AUPRC against graded FAC."""
+"""The compare result as a table (terminal and HTML) and a plot: each method's paired
+difference in the task's metric (AUPRC, pairwise accuracy, SCR) against the reference with
+its 95% interval, and the metric against graded FAC."""
 
 from __future__ import annotations
 
@@ -10,9 +11,30 @@ import io
 from rich.table import Table
 
 from agent.compare import CompareResult
+from tools.rundir import METRIC_LABELS
 
-COLUMNS = ("method", "n train", "added", "FAC", "graded FAC", "AUPRC", "AUROC", "vs ref (paired)",
-           "label agree", "hit rate", "gate pass")
+SECOND = {"auprc": ("AUROC", "auroc"), "scr": ("Acc(+v) / Acc(-v)", "acc_plus"),
+          "pairwise_accuracy": ("mean margin", "mean_margin")}
+"""Per headline metric: the column shown beside it (name, metric key)."""
+
+
+def label(result: CompareResult) -> str:
+    return METRIC_LABELS.get(result.metric, result.metric)
+
+
+def columns(result: CompareResult) -> tuple[str, ...]:
+    return ("method", "n train", "added", "FAC", "graded FAC", label(result),
+            SECOND.get(result.metric, ("", ""))[0], "vs ref (paired)", "label agree",
+            "hit rate", "gate pass")
+
+
+def _second(result: CompareResult, means: dict[str, float]) -> str:
+    key = SECOND.get(result.metric, ("", ""))[1]
+    if key == "acc_plus":
+        return f"{100 * means.get('acc_plus', 0):.1f} / {100 * means.get('acc_minus', 0):.1f}"
+    if key == "mean_margin":
+        return f"{means.get(key, 0):.3f}"
+    return f"{100 * means[key]:.1f}" if key in means else ""
 
 
 def rows(result: CompareResult) -> list[list[str]]:
@@ -20,7 +42,7 @@ def rows(result: CompareResult) -> list[list[str]]:
     for name, m in result.methods.items():
         out.append([
             name, f"{m.n_train:.0f}", f"{m.n_added:.0f}", f"{m.fac:.3f}", f"{m.fac_graded:.3f}",
-            f"{100 * m.auprc_mean:.1f} ± {100 * m.auprc_std:.1f}", f"{100 * m.auroc_mean:.1f}",
+            f"{100 * m.metric_mean:.1f} ± {100 * m.metric_std:.1f}", _second(result, m.means),
             m.paired.describe() if m.paired else "reference" if name == result.reference else "",
             f"{m.label_agreement:.0%}" if m.label_agreement is not None else "",
             f"{m.loop.hit_rate:.0%} of {m.loop.requests}" if m.loop else "",
@@ -30,9 +52,10 @@ def rows(result: CompareResult) -> list[list[str]]:
 
 
 def table(result: CompareResult) -> Table:
-    t = Table(title=f"compare ({result.protocol} protocol, reference {result.reference}, "
-                    f"{result.settings.seeds} seeds, kept per seed {result.kept})")
-    for c in COLUMNS:
+    t = Table(title=f"compare: {result.task} task, {label(result)} x 100 ({result.protocol} "
+                    f"protocol, reference {result.reference}, {result.settings.seeds} seeds, "
+                    f"kept per seed {result.kept})")
+    for c in columns(result):
         t.add_column(c, justify="left" if c == "method" else "right")
     for r in rows(result):
         t.add_row(*r)
@@ -52,14 +75,14 @@ def plot_png(result: CompareResult) -> bytes:
                    fmt="o", capsize=4)
     a.set_yticks(range(len(paired)), [n for n, _ in paired])
     a.axvline(0, color="grey", lw=1)
-    a.set_xlabel(f"AUPRC minus {result.reference} (points, paired, 95% CI)")
+    a.set_xlabel(f"{label(result)} minus {result.reference} (points, paired, 95% CI)")
     for name, m in result.methods.items():
-        b.scatter(m.fac_graded, 100 * m.auprc_mean)
-        b.annotate(name, (m.fac_graded, 100 * m.auprc_mean), fontsize=8)
+        b.scatter(m.fac_graded, 100 * m.metric_mean)
+        b.annotate(name, (m.fac_graded, 100 * m.metric_mean), fontsize=8)
     b.set_xlabel("graded FAC of the training set")
-    b.set_ylabel("AUPRC (held out)")
-    b.set_title(f"Spearman {result.spearman_graded_auprc:.2f} (binary FAC "
-                f"{result.spearman_fac_auprc:.2f})", fontsize=9)
+    b.set_ylabel(f"{label(result)} (held out)")
+    b.set_title(f"Spearman {result.spearman_graded_metric:.2f} (binary FAC "
+                f"{result.spearman_fac_metric:.2f})", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -69,7 +92,7 @@ def plot_png(result: CompareResult) -> bytes:
 
 def html_report(result: CompareResult) -> str:
     esc = html.escape
-    head = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th>{esc(c)}</th>" for c in columns(result))
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>"
                    for r in rows(result))
     png = base64.b64encode(plot_png(result)).decode()
@@ -77,14 +100,15 @@ def html_report(result: CompareResult) -> str:
     return f"""<!doctype html><meta charset="utf-8"><title>facsynth compare</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
 td,th{{padding:2px 8px;text-align:right}}td:first-child{{text-align:left}}</style>
-<h1>facsynth compare</h1>
-<p><b>Protocol:</b> {esc(result.protocol)} (reference: {esc(result.reference)}).
+<h1>facsynth compare: {esc(result.task)} task</h1>
+<p><b>Metric:</b> {esc(label(result))} on held-out rows, x 100.
+<b>Protocol:</b> {esc(result.protocol)} (reference: {esc(result.reference)}).
 {result.settings.seeds} seeds; pool {result.n_pool} rows, held out {result.n_eval} rows.
 <b>Equal kept budget:</b> {esc(result.rule)}; rows added per seed: {result.kept}.</p>
 <p><b>Knowledge beyond the protocol's labels:</b></p><ul>{external}</ul>
 <table><tr>{head}</tr>{body}</table>
 <p>FAC and label agreement are measured against the pool's real labels (diagnostics that no
-method reads). Spearman(graded FAC, AUPRC) = {result.spearman_graded_auprc:.2f};
-Spearman(binary FAC, AUPRC) = {result.spearman_fac_auprc:.2f}.</p>
-<img src="data:image/png;base64,{png}" alt="paired differences and FAC vs AUPRC">
+method reads). Spearman(graded FAC, {esc(label(result))}) = {result.spearman_graded_metric:.2f};
+Spearman(binary FAC, {esc(label(result))}) = {result.spearman_fac_metric:.2f}.</p>
+<img src="data:image/png;base64,{png}" alt="paired differences and FAC vs the metric">
 """

@@ -208,10 +208,10 @@ class Toolbox:
         each pair's chosen side labelled 1, its rejected side 0)."""
         if task == "toxicity":
             return self._dataset(path, labels=labels)
-        from tools.tasks import get_task
+        from tools.tasks import probe_dataset
 
         real = self._file(path)
-        return real, get_task(task).probe_texts(get_task(task).load(real)).dataset()
+        return real, probe_dataset(task, real)
 
     def _report(
         self, anchor: str, data: str, progress: ProgressFn | None = None,

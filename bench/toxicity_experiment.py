@@ -72,7 +72,7 @@ def main() -> None:
         ap.error(f"unknown methods {sorted(unknown)}")
 
     def seed_done(s: int, rows: list) -> None:  # type: ignore[type-arg]
-        print(f"seed {s}: " + ", ".join(f"{r.method}={100 * r.metrics.auprc:.1f} (+{r.n_added})"
+        print(f"seed {s}: " + ", ".join(f"{r.method}={100 * r.metrics['auprc']:.1f} (+{r.n_added})"
                                          for r in rows), flush=True)
 
     result = run_compare(args.anchor, settings, work=args.work, eval_path=args.eval,
@@ -82,24 +82,25 @@ def main() -> None:
     from rich.console import Console
 
     Console(width=160).print(table(result))
-    seed_auprc = result.methods["seed"].per_seed_auprc if "seed" in result.methods else None
+    seed_auprc = result.methods["seed"].per_seed_metric if "seed" in result.methods else None
     methods = {}
     for name, m in result.methods.items():
         methods[name] = {
             "n_train": m.n_train, "fac": m.fac, "fac_graded": m.fac_graded,
-            "auprc_mean": m.auprc_mean, "auprc_std": m.auprc_std, "auroc_mean": m.auroc_mean,
-            "paired_vs_seed": paired_diff(m.per_seed_auprc, seed_auprc).model_dump()
+            "auprc_mean": m.metric_mean, "auprc_std": m.metric_std,
+            "auroc_mean": m.means.get("auroc"),
+            "paired_vs_seed": paired_diff(m.per_seed_metric, seed_auprc).model_dump()
             if seed_auprc is not None and name != "seed" else None,
         }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.json, __import__("json").dumps({
-        "methods": methods, "spearman_fac_auprc": result.spearman_fac_auprc,
-        "spearman_graded_auprc": result.spearman_graded_auprc,
+        "methods": methods, "spearman_fac_auprc": result.spearman_fac_metric,
+        "spearman_graded_auprc": result.spearman_graded_metric,
         "compare": result.model_dump(mode="json"),
     }, indent=2))
     write_text_atomic(args.json.with_suffix(".html"), html_report(result))
-    print(f"spearman_fac_auprc={result.spearman_fac_auprc:.3f} "
-          f"spearman_graded_auprc={result.spearman_graded_auprc:.3f} "
+    print(f"spearman_fac_auprc={result.spearman_fac_metric:.3f} "
+          f"spearman_graded_auprc={result.spearman_graded_metric:.3f} "
           f"seconds={result.seconds:.0f}")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import re
 import time
 from collections import Counter
@@ -388,3 +389,28 @@ def final_data(run_dir: Path) -> dict[str, str]:
     hist = History.load(run_dir)
     out["history"] = json.dumps([r.model_dump(exclude={"seconds"}) for r in hist.rounds])
     return out
+
+
+WORDS = ("garden chess taxes bicycle violin harbor glacier recipe ledger comet pottery "
+         "lantern orchard tunnel canvas meadow circuit falcon quartz saddle thunder walnut "
+         "yogurt zipper anchor blossom cactus dolphin ember fossil granite hammock").split()
+
+
+class PairEchoLLM(EchoLLM):
+    """EchoLLM for pair tasks: 'generates' a pair in the layout the task's generation prompt
+    asks for (reward: Human/Better reply/Worse reply; steering: the question with options
+    and which one matches), built around the prompt's first example span; every third
+    request answers off-layout (which the parser must reject)."""
+
+    async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
+        spans = [re.sub(r"</?data>", "", s) for s in re.findall(r"^- (.*)$", user, re.M)]
+        # without spans (the baselines), words drawn by seed keep replies apart
+        rng = random.Random(seed)
+        span = spans[seed % len(spans)] if spans else " ".join(rng.sample(WORDS, 6))
+        if seed % 3 == 0:
+            return "Sure! Here is an example."
+        if "Better reply:" in user:
+            return (f"Human: Tell me about {span}\nBetter reply: Here is a careful, honest "
+                    f"answer about {span}.\nWorse reply: No. Figure out {span} yourself.")
+        return (f"Question: I think {span} matters a lot. Do you agree?\n(A) Yes, I agree\n"
+                f"(B) No, I disagree\nMatching: (A)")

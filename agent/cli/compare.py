@@ -12,11 +12,14 @@ from agent.cli.common import (
     GeneratorOpt,
     ModelOpt,
     SaeOpt,
+    TaskOpt,
+    TaskOptionsOpt,
     app,
     err,
     one_line_errors,
     out,
     save,
+    task_options,
     writable,
 )
 from tools.errors import ConfigError
@@ -53,15 +56,18 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 @app.command()
 def compare(
     anchor: Annotated[Path, typer.Option(help="labelled rows of the task (JSONL/CSV/Parquet)")],
+    task: TaskOpt = "toxicity",
+    task_option: TaskOptionsOpt = None,
     eval: Annotated[Path | None, typer.Option(
         "--eval", help="held-out labelled rows; default: a fixed, group-aware 25% of --anchor")
     ] = None,
     also_eval: Annotated[list[Path] | None, typer.Option(
         help="another labelled set to score every detector on (a second distribution); "
         "repeatable")] = None,
-    methods: Annotated[str, typer.Option(
+    methods: Annotated[str | None, typer.Option(
         help="comma list: seed, full, fac, random, self-instruct, evol-instruct, magpie and "
-        "--variant names")] = "seed,full,fac,random,self-instruct,evol-instruct,magpie",
+        "--variant names (pair tasks: no evol-instruct or magpie) [default: all the task "
+        "has]")] = None,
     variant: Annotated[list[str] | None, typer.Option(
         help="NAME:key=value,... fac with other loop settings, e.g. "
         "'fac-nogate:label_gate.judge=off' (add NAME to --methods); repeatable")] = None,
@@ -93,10 +99,11 @@ def compare(
     report: Annotated[Path | None, typer.Option(help="write an HTML report (table + plot)")
                       ] = None,
 ) -> None:
-    """Train the same detector on the seed set plus each method's rows, over several seeds,
-    and report held-out AUPRC with paired differences against the reference, FAC (binary
-    and graded) of every training set, and the label agreement of the added rows."""
-    from agent.compare import CompareSettings, run_compare
+    """Train the task's model (--task: a detector, a reward head, a steering vector) on the
+    seed set plus each method's rows, over several seeds, and report its held-out metric
+    (AUPRC, pairwise accuracy, SCR) with paired differences against the reference, FAC
+    (binary and graded) of every training set, and the label agreement of the added rows."""
+    from agent.compare import DEFAULT_METHODS, PAIR_METHODS, CompareSettings, run_compare
     from agent.compare_report import html_report, table
     from agent.runs import build_settings, validated
     from tools.detector import DetectorSettings
@@ -105,14 +112,20 @@ def compare(
         writable(json_out, "--json")
         writable(report, "--report")
         variants = dict(parse_variant(v) for v in variant or [])
+        if methods is None:
+            methods = ",".join(DEFAULT_METHODS if task == "toxicity" else PAIR_METHODS)
         settings = validated(
-            CompareSettings, "compare options", methods=[m.strip() for m in methods.split(",")
-                                                         if m.strip()],
+            CompareSettings, "compare options", task=task,
+            task_options=task_options(task_option),
+            methods=[m.strip() for m in methods.split(",") if m.strip()],
             variants=variants, loop=parse_assignments(loop, "--set"), labels=labels,
             budget=budget, seeds=seeds, seed_frac=seed_frac, rounds=rounds, top=top,
             request_factor=request_factor, synthetic_share=synthetic_share,
             detector=validated(DetectorSettings, "--detector", kind=detector))
         settings.check()
+        from tools.tasks import get_task
+
+        result_metric = get_task(task).headline
         if seeds < 5:
             err.print(f"[yellow]note:[/] {seeds} seeds: the paired interval is wide; use 5+")
         app_settings = build_settings(model=model, sae=sae, generator=generator)
@@ -123,15 +136,15 @@ def compare(
 
         def seed_done(s: int, got: list[Any]) -> None:
             err.print(f"seed {s}: " + ", ".join(
-                f"{r.method} {100 * r.metrics.auprc:.1f}" for r in got))
+                f"{r.method} {100 * r.metrics[result_metric]:.1f}" for r in got))
 
         with status:
             result = run_compare(anchor, settings, work=work, eval_path=eval,
                                  also=also_eval or [], app_settings=app_settings,
                                  progress=progress, on_seed=seed_done)
         out.print(table(result))
-        out.print(f"Spearman(graded FAC, AUPRC) = {result.spearman_graded_auprc:.2f}; "
-                  f"binary {result.spearman_fac_auprc:.2f}. External knowledge: "
+        out.print(f"Spearman(graded FAC, metric) = {result.spearman_graded_metric:.2f}; "
+                  f"binary {result.spearman_fac_metric:.2f}. External knowledge: "
                   + "; ".join(result.external))
     if json_out:
         save(json_out, result.model_dump_json(indent=1))

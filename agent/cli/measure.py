@@ -12,12 +12,15 @@ from rich.table import Table
 
 from agent.cli.common import (
     DeltaOpt,
+    FieldsOpt,
     LabelField,
     ModelOpt,
     SaeOpt,
+    TaskOpt,
     TextField,
     app,
     err,
+    key_values,
     one_line_errors,
     out,
     progress_bar,
@@ -33,6 +36,8 @@ def coverage(
         Path, typer.Option(help="labelled rows representing the task: JSONL/CSV/Parquet or hub id")
     ],
     data: Annotated[Path, typer.Option(help="the dataset to measure: file or hub id")],
+    task: TaskOpt = "toxicity",
+    field: FieldsOpt = None,
     text_field: TextField = "text",
     label_field: LabelField = "label",
     model: ModelOpt = None,
@@ -66,8 +71,11 @@ def coverage(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
 ) -> None:
     """Measure FAC of DATA against the task features of ANCHOR and list what is missing;
-    graded FAC beside it counts a feature only when enough rows activate it."""
+    graded FAC beside it counts a feature only when enough rows activate it. For a pair task
+    (--task reward|steering) the probe reads each pair's two sides, and task features are
+    those of the preferred (matching) side against the other."""
     from tools.data import load_texts
+    from tools.tasks import probe_dataset
     from tools.workspace import Workspace
 
     with one_line_errors():
@@ -82,9 +90,14 @@ def coverage(
                              quantile=quantile, pooling=pooling, min_tokens=min_tokens,
                              judge={k: v for k, v in judge.items() if v is not None} or None,
                              graded={k: v for k, v in graded.items() if v is not None} or None)
-        a = load_texts(anchor, text_field=text_field, label_field=label_field,
-                       require_labels=True)
-        d = load_texts(data, text_field=text_field, label_field=label_field)
+        if task == "toxicity":
+            a = load_texts(anchor, text_field=text_field, label_field=label_field,
+                           require_labels=True)
+            d = load_texts(data, text_field=text_field, label_field=label_field)
+        else:
+            fields = key_values(field, "--field") or None
+            a = probe_dataset(task, anchor, fields=fields, require_labels=True)
+            d = probe_dataset(task, data, fields=fields)
         ws = Workspace(settings)
         with progress_bar(len(a) + len(d), "probing") as advance:
             report = ws.coverage(a, d, advance)

@@ -40,6 +40,7 @@ UNTRUSTED: dict[str, dict[str, Any]] = {
     "chat_system.v3": {"root": "/w", "files": [ROW], "tools": [], "task": "toxicity",
                        "about": "a task"},
     "judge_label.v1": {"text": ROW},
+    "baseline_pairs_self_instruct.v1": {"examples": [ROW, ROW]},
     "generate_reward.v1": {"summary": ROW, "spans": [ROW], "label": 1, "host": ROW, "k": 0},
     "generate_steering.v1": {"summary": ROW, "spans": [ROW], "label": 1, "host": ROW, "k": 0},
     "relevance_steering.v1": {"summary": ROW, "spans": [ROW]},

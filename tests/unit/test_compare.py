@@ -11,10 +11,11 @@ from typer.testing import CliRunner
 
 from agent.cli import app
 from agent.cli.compare import parse_assignments, parse_variant
-from agent.compare import CompareSettings, pseudo_labels
+from agent.compare import CompareSettings
 from tests.unit.test_cli import EXAMPLES, parts, run  # noqa: F401  (fixture)
 from tools.errors import ConfigError
 from tools.paired import paired_diff
+from tools.tasks.toxicity import pseudo_labels
 
 
 def test_paired_diff_interval_is_the_t_interval_of_the_differences() -> None:

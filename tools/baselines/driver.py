@@ -54,7 +54,7 @@ async def _drive(
         reason = strategy.check(text, ctx)
         if reason:
             return reason
-        if _is_refusal(text):
+        if not getattr(strategy, "refusals_ok", False) and _is_refusal(text):
             return "refusal"
         return "duplicate" if normalise(text) in seen else None
 

@@ -6,9 +6,11 @@ Adding a task = one module + its prompt files + tests, and a line in `TASKS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+from tools.data import TextDataset
 from tools.errors import ConfigError
 from tools.tasks.base import Contrast, Features, Task, workspace_features
 from tools.tasks.reward import BradleyTerryHead, PairDataset, PairSplit, RewardTask
@@ -32,7 +34,15 @@ def get_task(name: str, **options: Any) -> Task[Any, Any]:
         raise ConfigError(f"task {name!r}: {exc}") from exc
 
 
+def probe_dataset(task: str, source: str | Path, *, fields: Mapping[str, str] | None = None,
+                  require_labels: bool = False) -> TextDataset:
+    """What coverage reads of a file of `task`'s rows: its texts, with the task's binary
+    contrast as labels (a pair task: each pair's chosen side 1, its rejected side 0)."""
+    t = get_task(task)
+    return t.probe_texts(t.load(source, fields=fields, require_labels=require_labels)).dataset()
+
+
 __all__ = [
     "TASKS", "BradleyTerryHead", "Contrast", "Features", "PairDataset", "PairSplit",
-    "RewardTask", "Task", "ToxicityTask", "get_task", "workspace_features",
+    "RewardTask", "Task", "ToxicityTask", "get_task", "probe_dataset", "workspace_features",
 ]

@@ -8,17 +8,61 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tools.errors import DataError
-from tools.tasks.reward import PairDataset
+from tools.errors import ConfigError, DataError
 from tools.verify import Sample
 
 KEYS = ("prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class PairDataset:
+    """Validated preference pairs: `chosen[i]` is preferred to `rejected[i]` as a
+    response to `prompts[i]`."""
+
+    prompts: list[str]
+    chosen: list[str]
+    rejected: list[str]
+    source: str
+
+    def __post_init__(self) -> None:
+        if not len(self.prompts) == len(self.chosen) == len(self.rejected):
+            raise ValueError(f"{len(self.prompts)} prompts, {len(self.chosen)} chosen and "
+                             f"{len(self.rejected)} rejected responses")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def subset(self, indices: Iterable[int]) -> PairDataset:
+        """The pairs at `indices`, in that order."""
+        idx = list(indices)
+        return PairDataset([self.prompts[i] for i in idx], [self.chosen[i] for i in idx],
+                           [self.rejected[i] for i in idx], self.source)
+
+
+def pair_weights(n: int, synthetic: Sequence[bool] | None, share: float | None) -> np.ndarray:
+    """[n] training weight per pair, summing to the number of real pairs (all ones without
+    a share, or when the pairs are all real or all synthetic)."""
+    if synthetic is not None and len(synthetic) != n:
+        raise DataError(f"{len(synthetic)} synthetic flags for {n} training pairs")
+    w = np.ones(n, dtype=np.float64)
+    if share is None or synthetic is None:
+        return w
+    if not 0 <= share < 1:
+        raise ConfigError(f"synthetic_share must be in [0, 1), got {share}")
+    fake = np.asarray(synthetic, dtype=bool)
+    if fake.all() or not fake.any():
+        return w
+    real = float((~fake).sum())
+    w[~fake] = 1 - share
+    w[fake] = real * share / fake.sum()
+    return w
 
 
 def pairs_of(samples: Sequence[Sample], source: str = "synthetic") -> PairDataset:
@@ -82,3 +126,36 @@ def load_arrays(folder: Path, what: str) -> tuple[dict[str, np.ndarray], dict[st
         raise DataError(f"{folder}: not a saved {what} ({e}); re-run the loop to retrain "
                         "it") from None
     return arrays, meta
+
+
+class PairTask:
+    """What pair tasks (reward, steering) share on top of their own `texts`, `parse`,
+    `format_row` and `agreement`: growing a dataset by samples, showing pairs as examples,
+    reading a generated pair back, and a model's view of unlabelled pairs' direction."""
+
+    def extend(self, data: PairDataset, samples: Sequence[Sample]) -> PairDataset:
+        return extend(data, samples)
+
+    def examples(self, data: PairDataset) -> list[str]:
+        """Each pair in the generation layout (what baselines show the generator)."""
+        fmt = self.format_row  # type: ignore[attr-defined]
+        return [fmt(p, c, r) for p, c, r in zip(data.prompts, data.chosen, data.rejected,
+                                                strict=True)]
+
+    def read_reply(self, reply: str) -> tuple[str, dict[str, str] | None]:
+        """A generated reply as (probe text, pair fields); ("", None) when unparseable."""
+        return reply_to_sample(self.parse, self.texts)(reply)  # type: ignore[attr-defined]
+
+    def pseudo_label(self, model: Any, data: PairDataset, features: Any,
+                     keep: Iterable[int]) -> PairDataset:
+        """`data` with each pair directed as `model` prefers it (swapped where it prefers the
+        rejected side), except the `keep` rows, whose direction is known."""
+        agree = np.asarray(self.agreement(model, data, features))  # type: ignore[attr-defined]
+        flip = agree < 0.5
+        flip[list(keep)] = False
+        return PairDataset(
+            list(data.prompts),
+            [r if f else c for c, r, f in zip(data.chosen, data.rejected, flip, strict=True)],
+            [c if f else r for c, r, f in zip(data.chosen, data.rejected, flip, strict=True)],
+            data.source)
+

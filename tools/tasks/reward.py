@@ -15,7 +15,7 @@ root mean square of d) ignores signs, so the flips only make it a binary problem
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -25,31 +25,7 @@ import numpy as np
 from tools.data import read_rows
 from tools.errors import ConfigError, DataError
 from tools.tasks.base import Contrast, Features, check_fields
-
-
-@dataclass(frozen=True)
-class PairDataset:
-    """Validated preference pairs: `chosen[i]` is preferred to `rejected[i]` as a
-    response to `prompts[i]`."""
-
-    prompts: list[str]
-    chosen: list[str]
-    rejected: list[str]
-    source: str
-
-    def __post_init__(self) -> None:
-        if not len(self.prompts) == len(self.chosen) == len(self.rejected):
-            raise ValueError(f"{len(self.prompts)} prompts, {len(self.chosen)} chosen and "
-                             f"{len(self.rejected)} rejected responses")
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def subset(self, indices: Iterable[int]) -> PairDataset:
-        """The pairs at `indices`, in that order."""
-        idx = list(indices)
-        return PairDataset([self.prompts[i] for i in idx], [self.chosen[i] for i in idx],
-                           [self.rejected[i] for i in idx], self.source)
+from tools.tasks.pairs import PairDataset, PairTask, pair_weights
 
 
 @dataclass(frozen=True)
@@ -79,7 +55,7 @@ class PairSplit(NamedTuple):
 
 
 @dataclass(frozen=True)
-class RewardTask:
+class RewardTask(PairTask):
     """`prompt_chars`: how much of the prompt (its end) the probe reads before each
     response; `c`: inverse L2 strength of the head's logistic regression."""
 
@@ -277,25 +253,6 @@ class RewardTask:
 
 _ROW = re.compile(r"Human:\s*(.+?)\n\s*Better reply:\s*(.+?)\n\s*Worse reply:\s*(.+?)\s*$",
                   re.DOTALL | re.IGNORECASE)
-
-
-def pair_weights(n: int, synthetic: Sequence[bool] | None, share: float | None) -> np.ndarray:
-    """[n] training weight per pair, summing to the number of real pairs (all ones without
-    a share, or when the pairs are all real or all synthetic)."""
-    if synthetic is not None and len(synthetic) != n:
-        raise DataError(f"{len(synthetic)} synthetic flags for {n} training pairs")
-    w = np.ones(n, dtype=np.float64)
-    if share is None or synthetic is None:
-        return w
-    if not 0 <= share < 1:
-        raise ConfigError(f"synthetic_share must be in [0, 1), got {share}")
-    fake = np.asarray(synthetic, dtype=bool)
-    if fake.all() or not fake.any():
-        return w
-    real = float((~fake).sum())
-    w[~fake] = 1 - share
-    w[fake] = real * share / fake.sum()
-    return w
 
 
 def _text(where: str, row: Mapping[str, Any], name: str, blank: bool = False) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from tools.detector import Detector, DetectorSettings, evaluate, fit_detector
 from tools.errors import DataError
 from tools.label_gate import consistent
 from tools.tasks.base import Contrast, Features, check_fields
+from tools.verify import Sample
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,37 @@ class ToxicityTask:
         m = evaluate(self.scores(model, data, features), _labels(data, "score a detector"))
         return {k: float(v) for k, v in m.model_dump().items()}
 
+    def bind(self, ws: Any) -> ToxicityTask:
+        """The task for a workspace: a LoRA detector adapts the workspace's model."""
+        if self.detector.kind != "lora" or self.model_folder is not None:
+            return self
+        from dataclasses import replace
+
+        from tools.models import resolve_model_source
+
+        folder = resolve_model_source(ws.settings.model, ws.settings.home)[0]
+        return replace(self, model_folder=folder, device=ws.settings.device)
+
+    def extend(self, data: TextDataset, samples: Sequence[Sample]) -> TextDataset:
+        """`data`'s rows, then the samples' (a sample without a label counts as 1)."""
+        return TextDataset(list(data.texts) + [s.text for s in samples],
+                           _labels(data, "add samples") + [
+                               1 if s.label is None else s.label for s in samples],
+                           data.source)
+
+    def examples(self, data: TextDataset) -> list[str]:
+        """The positive rows: what the baselines are shown (they write label-1 texts)."""
+        return [t for t, y in zip(data.texts, _labels(data, "pick examples"), strict=True) if y]
+
+    def pseudo_label(self, model: Detector, data: TextDataset, features: Features,
+                     keep: Sequence[int] | np.ndarray) -> TextDataset:
+        """`data` labelled by `model`: the `keep` rows keep their labels, the others are 1 for
+        the top share of scores equal to the kept rows' positive rate."""
+        known = [_labels(data, "pseudo-label")[i] for i in keep]
+        return TextDataset(list(data.texts),
+                           pseudo_labels(self.scores(model, data, features), keep, known),
+                           data.source)
+
     def _features(self, data: TextDataset, features: Features) -> np.ndarray | None:
         return features(data.texts) if self.detector.needs_features else None
 
@@ -96,3 +128,15 @@ def _labels(data: TextDataset, why: str) -> list[int]:
         raise DataError(f"{data.source}: has no labels; the toxicity task needs a 0/1 "
                         f"'label' on every row to {why}")
     return data.labels
+
+
+def pseudo_labels(scores: np.ndarray, seed_rows: Sequence[int] | np.ndarray,
+                  seed_labels: Sequence[int]
+                  ) -> list[int]:
+    """Seed rows keep their labels; the others are 1 for the top share of scores equal to
+    the seed's positive rate (the seed detector's view of the pool)."""
+    rate = float(np.mean(seed_labels))
+    cut = np.quantile(scores, 1 - rate) if 0 < rate < 1 else 0.5
+    labels = (scores >= cut).astype(int)
+    labels[list(seed_rows)] = list(seed_labels)
+    return [int(x) for x in labels]

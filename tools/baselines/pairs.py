@@ -1,0 +1,108 @@
+"""Baselines for pair tasks (reward, steering): whole pairs in the task's generation layout,
+read back with the task's parser, under the same request loop and budget as the text
+baselines (driver `_drive`).
+
+- `random`: the task's own generation prompt with no target feature: a random seed pair is
+  shown as the layout (as fac shows a real pair), the theme is left open. The untargeted
+  twin of fac's requests.
+- `self-instruct`: a few seed pairs (and accepted generated ones, as for texts) in the
+  layout, then "write example N+1"; ROUGE-L against the pool rejects near copies.
+
+Evol-instruct and magpie rewrite or invent single user messages, so they have no pair
+version. A pair's replies may decline (a preferred reply often does), so refusal words do
+not reject a pair; an unparseable reply does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+from prompts import render
+from tools.baselines.base import NO_FEATURE, VERSION, BaselineError, BaselineSettings, Call
+from tools.baselines.driver import _drive
+from tools.baselines.methods import SelfInstruct, _shorten
+from tools.generate import AsyncChatClient
+from tools.verify import Provenance, Sample
+
+PROMPT_SELF_INSTRUCT = "baseline_pairs_self_instruct.v1"
+SYSTEM = "You write realistic training examples for AI assistants, in the layout asked for."
+OPEN_THEME = "any topic that examples like this one cover"
+
+
+class _Parsed:
+    """Replies are read with the task's parser and kept in its canonical layout."""
+
+    refusals_ok = True
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+
+    def extract(self, reply: str) -> str:
+        row = self.task.parse(reply)
+        return self.task.format_row(*row) if row else ""
+
+
+class PairRandom(_Parsed):
+    def __init__(self, client: AsyncChatClient, s: BaselineSettings, task: Any,
+                 seeds: list[str], rng: random.Random) -> None:
+        super().__init__(task)
+        self.client, self.s, self.seeds, self.rng = client, s, seeds, rng
+
+    def request(self, seed: int) -> tuple[Call, Any]:
+        user = render(self.task.generate_prompt, summary=OPEN_THEME, spans=[], label=1,
+                      host=self.rng.choice(self.seeds), k=0)
+        return (lambda: self.client.achat(SYSTEM, user, temperature=self.s.temperature,
+                                          seed=seed)), None
+
+    def check(self, text: str, ctx: Any) -> str | None:
+        return None
+
+    def accepted(self, text: str, ctx: Any) -> None:
+        return None
+
+    def rejected(self, ctx: Any) -> None:
+        return None
+
+
+class PairSelfInstruct(_Parsed, SelfInstruct):
+    def __init__(self, client: AsyncChatClient, s: BaselineSettings, task: Any,
+                 seeds: list[str], rng: random.Random) -> None:
+        _Parsed.__init__(self, task)
+        SelfInstruct.__init__(self, client, s, seeds, rng)
+
+    def request(self, seed: int) -> tuple[Call, Any]:
+        s = self.s
+        n_gen = min(s.generated_examples, len(self.generated))
+        n_seed = min(len(self.seeds), s.seed_examples + s.generated_examples - n_gen)
+        examples = self.rng.sample(self.seeds, n_seed) + self.rng.sample(self.generated, n_gen)
+        self.rng.shuffle(examples)
+        user = render(PROMPT_SELF_INSTRUCT,
+                      examples=[_shorten(e, s.example_chars) for e in examples])
+        return (lambda: self.client.achat(SYSTEM, user, temperature=s.temperature,
+                                          seed=seed)), examples
+
+
+def synthesize_pairs(method: str, task: Any, *, seeds: list[str], budget: int,
+                     client: AsyncChatClient, settings: BaselineSettings) -> list[Sample]:
+    """Exactly `budget` pair samples (text: the pair's probe text, fields: the pair) by
+    `method` from `seeds` (pairs in the task's layout: `task.examples`)."""
+    if method not in ("random", "self-instruct"):
+        raise BaselineError(f"{method}: no pair version; pair tasks compare random and "
+                            "self-instruct")
+    if not seeds:
+        raise BaselineError(f"{method} needs at least one seed pair")
+    rng = random.Random(settings.seed)
+    make = PairRandom if method == "random" else PairSelfInstruct
+    strategy = make(client, settings, task, list(seeds), rng)
+    got = asyncio.run(_drive(method, strategy, known=seeds,  # type: ignore[arg-type]
+                             budget=budget, settings=settings, sleep=asyncio.sleep))
+    out = []
+    for text, seed in got:
+        probe, fields = task.read_reply(text)
+        out.append(Sample(text=probe, label=1, fields=fields, provenance=Provenance(
+            feature=NO_FEATURE, round=settings.round, generator=client.name,
+            prompt_version=f"baseline-pairs-{method}.{VERSION}",
+            temperature=settings.temperature, seed=seed)))
+    return out
