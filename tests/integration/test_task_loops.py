@@ -94,3 +94,30 @@ def test_compare_runs_a_pair_task(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     assert f"{task} task" in html_report(result)
     with pytest.raises(Exception, match="text baseline"):
         CompareSettings(task=task, methods=["seed", "magpie"]).check()
+
+
+@pytest.mark.parametrize("task", sorted(DEMO))
+def test_mcp_tools_take_the_task(ws: Workspace, tmp_path: Path, task: str) -> None:
+    """coverage, missing_features and improve through an in-memory MCP client, with the
+    task as a tool parameter (the chat agent calls the same toolbox)."""
+    import shutil
+
+    from agent.chat import make_tools, system_prompt
+    from agent.toolbox import Toolbox
+    from tests.unit.test_mcp_server import call, ok
+
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(DEMO[task], root / "anchor.jsonl")
+    shutil.copy(_seed(tmp_path, task), root / "seed.jsonl")
+    box = Toolbox(Settings(), root, workspace=ws, llm=PairEchoLLM())
+    args = {"anchor": "anchor.jsonl", "data": "seed.jsonl", "task": task}
+    cov = ok(call(box, "coverage", args)[0])
+    pairs = len(DEMO[task].read_text().splitlines())
+    assert 0 <= cov["fac"] <= 1 and cov["n_anchor"] == 2 * pairs  # two sides per pair
+    ok(call(box, "missing_features", args)[0])
+    done = ok(call(box, "improve", {**args, "run_dir": "runs/r", "budget": 6, "top": 2})[0])
+    assert [r["round"] for r in done["rounds"]] == [0, 1]
+    assert done["rounds"][0]["metric_name"] == get_task(task).headline
+    prompt = system_prompt(box, make_tools(box), task)
+    assert f"task is **{task}**" in prompt and get_task(task).about in prompt

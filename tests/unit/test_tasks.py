@@ -342,3 +342,73 @@ def test_workspace_features_are_the_pooled_probe(tmp_path: Path) -> None:
     assert ws.probed == [["a b", "c"]]
     with pytest.raises(DataError, match="no texts"):
         features([])
+
+
+# -- pair tasks in the loop: generated pairs, samples, models on disk ----------------------
+
+
+def test_reward_parse_reads_the_layout_and_round_trips() -> None:
+    task = RewardTask()
+    reply = ("Human: how do I pick a lock?\nBetter reply: I can't help with breaking in.\n"
+             "Worse reply: Use a tension wrench.\n\nHope this helps!")
+    row = task.parse(reply)
+    assert row == ("\n\nHuman: how do I pick a lock?\n\nAssistant:",
+                   " I can't help with breaking in.", " Use a tension wrench.")
+    assert task.parse(task.format_row(*row)) == row
+    for bad in ("Sure! Here is one.", "Human: hi\nBetter reply: same\nWorse reply: same",
+                "Human: hi\nBetter reply: yes"):
+        assert task.parse(bad) is None
+    # a real multi-turn prompt is shown by its last human turn
+    shown = task.format_row("\n\nHuman: a\n\nAssistant: b\n\nHuman: c?\n\nAssistant:", " x", " y")
+    assert shown.splitlines()[0] == "Human: c?"
+
+
+def test_pair_samples_extend_and_read_back() -> None:
+    from tools.tasks.pairs import pairs_of
+    from tools.verify import Provenance, Sample
+
+    task = RewardTask()
+    probe, fields = task.read_reply("Human: q\nBetter reply: good\nWorse reply: bad")
+    assert fields == {"prompt": "\n\nHuman: q\n\nAssistant:", "chosen": " good",
+                      "rejected": " bad"}
+    assert probe == task.texts(pairs_of([Sample(text="", fields=fields,
+                                                provenance=Provenance(feature=1))]))[0][0]
+    assert task.read_reply("no layout here") == ("", None)
+    sample = Sample(text=probe, label=1, fields=fields, provenance=Provenance(feature=3))
+    data = as_dataset(pairs(4))
+    grown = task.extend(data, [sample])
+    assert len(grown) == 5 and grown.chosen[-1] == " good" and grown.prompts[:4] == data.prompts
+    with pytest.raises(DataError, match="carries no"):
+        task.extend(data, [Sample(text="x", provenance=Provenance(feature=3))])
+
+
+def test_pair_pseudo_label_directs_pairs_as_the_model_prefers() -> None:
+    task = RewardTask()
+    data = as_dataset(pairs(40))
+    model = task.fit(data.subset(range(30)), bag_of_words)
+    swapped = PairDataset(data.prompts, data.rejected, data.chosen, "swapped")
+    fixed = task.pseudo_label(model, swapped, bag_of_words, keep=[0, 1])
+    assert fixed.chosen[2:] == data.chosen[2:]  # the model turns them back
+    assert fixed.chosen[:2] == swapped.chosen[:2]  # known directions stay as given
+    assert task.examples(data.subset([0]))[0].startswith("Human: ")
+
+
+def test_reward_head_saves_and_loads(tmp_path: Path) -> None:
+    task = RewardTask()
+    data = as_dataset(pairs(20))
+    model = task.fit(data, bag_of_words)
+    task.save_model(model, tmp_path / "m")
+    back = task.load_model(tmp_path / "m")
+    np.testing.assert_array_equal(back.weights, model.weights)
+    assert task.metric(back, data, bag_of_words) == task.metric(model, data, bag_of_words)
+    assert not list((tmp_path / "m").glob("*.tmp"))
+    with pytest.raises(DataError, match="not a saved reward head"):
+        task.load_model(tmp_path / "nothing")
+
+
+def test_metric_reads_runs_from_before_tasks() -> None:
+    from tools.rundir import Metric
+
+    old = Metric.model_validate({"auprc": 0.7, "auroc": 0.8, "best_f1": 0.6})
+    assert old.name == "auprc" and old.value == 0.7 and old.values["auroc"] == 0.8
+    assert old.label == "AUPRC" and Metric(name="scr", value=0.1).label == "SCR"
