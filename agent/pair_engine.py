@@ -112,7 +112,7 @@ class PairEngine:
         return asyncio.run(agenerate(
             targets, self.llm, settings, skip=skip, on_sample=seen, hosts=hosts,
             prompt=self.task.generate_prompt, system=SYSTEM,
-            to_row=reply_to_sample(self.task.parse, self.task.texts)))
+            to_row=reply_to_sample(self.task.parse, self.task.probe_texts)))
 
     def verify(self, samples: Sequence[Sample], rows: Rows) -> VerifyReport:
         return verify_samples(self.ws, self._anchor_texts, self._texts(rows), samples)

@@ -107,6 +107,21 @@ class JudgeSettings(BaseModel):
     )
     min_log_odds: float = Field(2.0, description="smoothed log-odds, positives vs negatives")
     smoothing: float = Field(0.5, gt=0, description="pseudo-count added to each rate")
+    paired: bool = Field(
+        False, description="the anchor's rows are (1, 0) pairs of one item: support = pairs "
+        "where the feature fires on the 1 side only, log-odds = log of that over the pairs "
+        "where it fires on the 0 side only (what both sides share cancels)")
+    paired_min_log_odds: float = Field(
+        1.0, description="min_log_odds for paired rows: two sides of one item differ less "
+        "than toxic and benign texts (400 HH-RLHF dev pairs: 0 task features at 2.0 and "
+        "3.6% support, 25 at 1.0 and 1%)")
+    paired_min_support_frac: float = Field(0.01, ge=0, le=1,
+                                           description="min_support_frac for paired rows")
+
+    def for_pairs(self) -> JudgeSettings:
+        """These settings for a paired anchor (`paired`, with the paired thresholds)."""
+        return self.model_copy(update={"paired": True, "min_log_odds": self.paired_min_log_odds,
+                                       "min_support_frac": self.paired_min_support_frac})
 
     def support_for(self, n_positive: int) -> int:
         return max(self.min_support, round(self.min_support_frac * n_positive))
@@ -211,9 +226,20 @@ def active_rows(active: sp.csr_matrix) -> np.ndarray:
 
 
 def feature_stats(
-    anchor_active: sp.csr_matrix, labels: Sequence[int], smoothing: float
+    anchor_active: sp.csr_matrix, labels: Sequence[int], smoothing: float,
+    paired: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per feature: (positive support, negative support, smoothed log-odds)."""
+    """Per feature: (positive support, negative support, smoothed log-odds). `paired`:
+    rows 2i and 2i+1 are one item's 1 and 0 sides; supports count the pairs where the
+    feature fires on that side only, and the log-odds compares the two (a paired,
+    McNemar-style contrast: a feature both sides share says nothing)."""
+    if paired:
+        active = (anchor_active.tocsr() != 0).astype(np.int8)
+        one, zero = active[0::2], active[1::2]
+        only_one = np.asarray((one > zero).sum(axis=0)).ravel()
+        only_zero = np.asarray((zero > one).sum(axis=0)).ravel()
+        a = smoothing
+        return only_one, only_zero, np.log((only_one + a) / (only_zero + a))
     y = np.asarray(labels)
     active = anchor_active.tocsc()
     pos = np.asarray(active[y == 1].sum(axis=0)).ravel()
@@ -241,7 +267,8 @@ def label_judge(settings: JudgeSettings) -> RelevanceJudge:
         y = np.asarray(labels)
         if (y == 1).sum() == 0 or (y == 0).sum() == 0:
             raise DataError("the anchor set needs both positive (1) and negative (0) rows")
-        pos, _, log_odds = feature_stats(anchor_active, labels, settings.smoothing)
+        pos, _, log_odds = feature_stats(anchor_active, labels, settings.smoothing,
+                                         settings.paired)
         support = settings.support_for(int((y == 1).sum()))
         return np.asarray((pos >= support) & (log_odds >= settings.min_log_odds))
 
@@ -287,7 +314,7 @@ def coverage(
     needed[task_ids] = graded.needed(anchor_rows[task_ids], n_anchor, n_data)
     deficit = np.maximum(0, needed - data_rows)  # 0 off the task: needed is 0 there
     labels = anchor_labels if anchor_labels is not None else [0] * n_anchor
-    pos, neg, lo = feature_stats(anchor_active, labels, judge.smoothing)
+    pos, neg, lo = feature_stats(anchor_active, labels, judge.smoothing, judge.paired)
     amax = np.asarray(anchor_max.max(axis=0).todense()).ravel()
 
     def entry(f: int) -> MissingFeature:

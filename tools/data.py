@@ -34,10 +34,16 @@ class TextDataset:
     texts: list[str]
     labels: list[int] | None
     source: str
+    paired: bool = False
+    """Rows come in (1, 0) pairs, the two sides of one item (a pair task's contrast): the
+    label judge compares the sides within each pair (tools/coverage.py)."""
 
     def __post_init__(self) -> None:
         if self.labels is not None and len(self.labels) != len(self.texts):
             raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        if self.paired and (self.labels is None or self.labels != [1, 0] * (len(self) // 2)
+                            or len(self) % 2):
+            raise ValueError("paired rows need labels 1, 0, 1, 0, ... (chosen, rejected)")
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -85,7 +85,9 @@ class Workspace:
         s = self.settings
         anchor_acts = self.probe(anchor, progress)
         data_acts = self.probe(data, progress)
-        result = measure(anchor_acts, anchor.labels, data_acts, s.activity_rule(), s.judge,
+        # a pair task's contrast: its sides are compared within pairs
+        judge = s.judge.for_pairs() if anchor.paired else s.judge
+        result = measure(anchor_acts, anchor.labels, data_acts, s.activity_rule(), judge,
                          s.graded)
         report = result.report
         # one pass over the anchor for both lists; a missing feature is also a deficit one
@@ -111,5 +113,5 @@ class Workspace:
     def _key(self, anchor: TextDataset, data: TextDataset) -> str:
         """Content hash of what a coverage result depends on (sources are just names)."""
         content = json.dumps([self.settings.model_dump_json(), anchor.texts, anchor.labels,
-                              data.texts])
+                              data.texts] + (["paired"] if anchor.paired else []))
         return hashlib.sha256(content.encode("utf-8")).hexdigest()

@@ -224,3 +224,21 @@ def test_graded_rule_is_validated() -> None:
         GradedRule(min_rows=0)
     with pytest.raises(ValueError):
         GradedRule(unknown=1)  # type: ignore[call-arg]
+
+
+def test_paired_judge_compares_the_sides_of_each_pair() -> None:
+    from tools.coverage import JudgeSettings, feature_stats, label_judge
+
+    # feature 0 fires on both sides of every pair (shared prompt): no contrast; feature 1
+    # fires on the 1 side of 6 pairs and the 0 side of none; feature 2 fires on the 0 side
+    sides = []
+    for i in range(8):
+        sides += [[0, 1] if i < 6 else [0], [0, 2]]
+    anchor = rows(*sides, d=3)
+    labels = [1, 0] * 8
+    only_one, only_zero, lo = feature_stats(anchor, labels, 0.5, paired=True)
+    assert only_one.tolist() == [0, 6, 0] and only_zero.tolist() == [0, 0, 8]
+    assert lo[1] > 2 > 0 == lo[0] and lo[2] < 0
+    judge = JudgeSettings(min_support=2).for_pairs()
+    assert judge.paired and judge.min_log_odds == judge.paired_min_log_odds
+    assert label_judge(judge)(anchor, labels).tolist() == [False, True, False]

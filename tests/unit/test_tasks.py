@@ -196,7 +196,7 @@ def test_reward_blank_response_is_a_valid_choice(tmp_path: Path) -> None:
            "rejected": " Sure, the address is ..."}
     data = RewardTask().load(write_jsonl(tmp_path / "p.jsonl", [row]))
     assert data.chosen == [" "]
-    assert RewardTask().probe_texts(data).texts[0] == row["prompt"] + " "
+    assert RewardTask().texts(data)[0][0] == row["prompt"] + " "
 
 
 def test_reward_empty_and_missing_files(tmp_path: Path) -> None:
@@ -207,15 +207,16 @@ def test_reward_empty_and_missing_files(tmp_path: Path) -> None:
         RewardTask().load(tmp_path / "nope.jsonl")
 
 
-def test_reward_probe_texts_pair_up_prompt_tail_and_responses() -> None:
+def test_reward_probe_reads_responses_paired_and_the_head_reads_the_prompt_tail() -> None:
     data = PairDataset(["x" * 700 + "END", "short"], [" good", " fine"], [" bad", " awful"], "t")
     contrast = RewardTask().probe_texts(data)
-    tail = ("x" * 700 + "END")[-600:]
-    assert contrast.texts == [tail + " good", tail + " bad", "short fine", "short awful"]
+    assert contrast.texts == [" good", " bad", " fine", " awful"]
     assert contrast.labels == [1, 0, 1, 0] and contrast.rows == [0, 0, 1, 1]
-    assert contrast.dataset().n_positive == 2
-    bare = RewardTask(prompt_chars=0).probe_texts(data)
-    assert bare.texts == [" good", " bad", " fine", " awful"]
+    assert contrast.dataset().n_positive == 2 and contrast.dataset().paired
+    tail = ("x" * 700 + "END")[-600:]
+    assert RewardTask().texts(data) == ([tail + " good", "short fine"],
+                                        [tail + " bad", "short awful"])
+    assert RewardTask(prompt_chars=0).texts(data)[0] == [" good", " fine"]
 
 
 # -- reward: splits ------------------------------------------------------------------------
@@ -371,8 +372,9 @@ def test_pair_samples_extend_and_read_back() -> None:
     probe, fields = task.read_reply("Human: q\nBetter reply: good\nWorse reply: bad")
     assert fields == {"prompt": "\n\nHuman: q\n\nAssistant:", "chosen": " good",
                       "rejected": " bad"}
-    assert probe == task.texts(pairs_of([Sample(text="", fields=fields,
-                                                provenance=Provenance(feature=1))]))[0][0]
+    assert probe == " good"  # the preferred response: what coverage reads
+    assert task.probe_texts(pairs_of([Sample(text="", fields=fields,
+                                             provenance=Provenance(feature=1))])).paired
     assert task.read_reply("no layout here") == ("", None)
     sample = Sample(text=probe, label=1, fields=fields, provenance=Provenance(feature=3))
     data = as_dataset(pairs(4))

@@ -49,6 +49,8 @@ class Contrast:
     labels: list[int] | None
     rows: list[int]
     source: str
+    paired: bool = False
+    """texts come as (1, 0) pairs of one row each: the label judge compares within pairs"""
 
     def __post_init__(self) -> None:
         if len(self.rows) != len(self.texts) or (
@@ -57,7 +59,7 @@ class Contrast:
 
     def dataset(self) -> TextDataset:
         """As the text + label dataset coverage and the probe read (`Workspace.measure`)."""
-        return TextDataset(self.texts, self.labels, self.source)
+        return TextDataset(self.texts, self.labels, self.source, paired=self.paired)
 
 
 class Task(Protocol[D, M]):

@@ -84,18 +84,18 @@ def extend(data: PairDataset, samples: Sequence[Sample]) -> PairDataset:
 
 
 def reply_to_sample(parse: Callable[[str], tuple[str, str, str] | None],
-                    text_of: Callable[[PairDataset], tuple[list[str], list[str]]]
+                    probe: Callable[[PairDataset], Any]
                     ) -> Callable[[str], tuple[str, dict[str, str] | None]]:
-    """A generator reply -> (probe text, pair fields): the task's `parse`, then its probe
-    text of the preferred side; an unparseable reply -> ("", None), which the verifier
-    rejects as empty."""
+    """A generator reply -> (probe text, pair fields): the task's `parse`, then the probe
+    text of the pair's preferred side (the first of its `probe_texts`); an unparseable
+    reply -> ("", None), which the verifier rejects as empty."""
 
     def convert(reply: str) -> tuple[str, dict[str, str] | None]:
         row = parse(reply)
         if row is None:
             return "", None
-        good, _ = text_of(PairDataset([row[0]], [row[1]], [row[2]], "reply"))
-        return good[0], dict(zip(KEYS, row, strict=True))
+        texts = probe(PairDataset([row[0]], [row[1]], [row[2]], "reply")).texts
+        return texts[0], dict(zip(KEYS, row, strict=True))
 
     return convert
 
@@ -144,7 +144,7 @@ class PairTask:
 
     def read_reply(self, reply: str) -> tuple[str, dict[str, str] | None]:
         """A generated reply as (probe text, pair fields); ("", None) when unparseable."""
-        return reply_to_sample(self.parse, self.texts)(reply)  # type: ignore[attr-defined]
+        return reply_to_sample(self.parse, self.probe_texts)(reply)  # type: ignore[attr-defined]
 
     def pseudo_label(self, model: Any, data: PairDataset, features: Any,
                      keep: Iterable[int]) -> PairDataset:

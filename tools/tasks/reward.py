@@ -110,11 +110,13 @@ class RewardTask(PairTask):
                 [t + r for t, r in zip(tails, data.rejected, strict=True)])
 
     def probe_texts(self, data: PairDataset) -> Contrast:
-        """Per pair, its chosen text (label 1) then its rejected text (label 0)."""
-        good, bad = self.texts(data)
-        texts = [t for pair in zip(good, bad, strict=True) for t in pair]
+        """Per pair, its chosen response (label 1) then its rejected one (label 0), paired:
+        coverage compares what the responses say (the shared prompt would hide it; the head
+        reads the prompt tail too, `texts`)."""
+        texts = [t for pair in zip(data.chosen, data.rejected, strict=True) for t in pair]
         n = len(data)
-        return Contrast(texts, [1, 0] * n, [i for i in range(n) for _ in (0, 1)], data.source)
+        return Contrast(texts, [1, 0] * n, [i for i in range(n) for _ in (0, 1)], data.source,
+                        paired=True)
 
     def split(self, data: PairDataset, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """About `frac` of the pairs held out; pairs whose prompts open alike (the first 100
