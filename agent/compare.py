@@ -479,7 +479,7 @@ def spearman(methods: dict[str, MethodResult], field: str) -> float:
         return float("nan")
     xs = [getattr(m, field) for m in methods.values()]
     ys = [m.metric_mean for m in methods.values()]
-    if len(set(xs)) < 2:
+    if len(set(xs)) < 2 or len(set(ys)) < 2:
         return float("nan")
     return float(spearmanr(xs, ys).statistic)
 

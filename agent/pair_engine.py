@@ -38,9 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SYSTEM = "You write realistic training examples for AI assistants, in the layout asked for."
-
-
 class PairEngine:
     def __init__(
         self, ws: Workspace, task: Task[Any, Any], anchor: PairDataset,
@@ -89,19 +86,18 @@ class PairEngine:
 
     def generate(self, targets: Sequence[Target], settings: GenerateSettings, skip: set[int],
                  on_sample: Callable[[Sample], None]) -> list[Sample]:
-        """Each request asks for a whole pair (the task's generation prompt); with
-        `settings.hosts`, it shows a real anchor pair as the layout to follow."""
+        """Each request yields a whole pair (the task's generation prompt through its
+        `writer`); with `settings.hosts`, it shows a real anchor row (`task.examples`)."""
         if settings.generator != "prompted":
             raise ConfigError(f"the {self.task.name} task generates with the prompted "
                               "generator only (--generator-kind prompted)")
         requests = plan_requests(targets, settings)
         hosts = None
         if settings.hosts:
-            rng = np.random.default_rng(settings.seed)
-            order = rng.permutation(len(self.anchor))
-            hosts = {q.seed: self.task.format_row(
-                self.anchor.prompts[j], self.anchor.chosen[j], self.anchor.rejected[j])
-                for q, j in zip(requests, np.resize(order, len(requests)), strict=True)}
+            shown = self.task.examples(self.anchor)
+            order = np.random.default_rng(settings.seed).permutation(len(shown))
+            hosts = {q.seed: shown[j]
+                     for q, j in zip(requests, np.resize(order, len(requests)), strict=True)}
         bar = self.progress("generating", sum(q.seed not in skip for q in requests))
 
         def seen(sample: Sample) -> None:
@@ -110,8 +106,8 @@ class PairEngine:
                 bar(1)
 
         return asyncio.run(agenerate(
-            targets, self.llm, settings, skip=skip, on_sample=seen, hosts=hosts,
-            prompt=self.task.generate_prompt, system=SYSTEM,
+            targets, self.task.writer(self.llm), settings, skip=skip, on_sample=seen,
+            hosts=hosts, prompt=self.task.generate_prompt, system=self.task.system,
             to_row=reply_to_sample(self.task.parse, self.task.probe_texts)))
 
     def verify(self, samples: Sequence[Sample], rows: Rows) -> VerifyReport:

@@ -397,20 +397,22 @@ WORDS = ("garden chess taxes bicycle violin harbor glacier recipe ledger comet p
 
 
 class PairEchoLLM(EchoLLM):
-    """EchoLLM for pair tasks: 'generates' a pair in the layout the task's generation prompt
-    asks for (reward: Human/Better reply/Worse reply; steering: the question with options
-    and which one matches), built around the prompt's first example span; every third
-    request answers off-layout (which the parser must reject)."""
+    """EchoLLM for pair tasks, built around the prompt's first example span: the reward
+    task's staged requests (the person's message, then a careful and a careless reply) and
+    the steering task's one-reply A/B question layout. Every third message or question
+    request answers off-layout (an empty message; no question), which must be rejected."""
 
     async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
         spans = [re.sub(r"</?data>", "", s) for s in re.findall(r"^- (.*)$", user, re.M)]
         # without spans (the baselines), words drawn by seed keep replies apart
         rng = random.Random(seed)
         span = spans[seed % len(spans)] if spans else " ".join(rng.sample(WORDS, 6))
+        if "assistant's reply" in user:  # a reward reply
+            return ("No. Figure that out yourself." if "careless" in user else
+                    f"Here is a careful, honest answer ({rng.choice(WORDS)}).")
         if seed % 3 == 0:
-            return "Sure! Here is an example."
-        if "Better reply:" in user:
-            return (f"Human: Tell me about {span}\nBetter reply: Here is a careful, honest "
-                    f"answer about {span}.\nWorse reply: No. Figure out {span} yourself.")
-        return (f"Question: I think {span} matters a lot. Do you agree?\n(A) Yes, I agree\n"
-                f"(B) No, I disagree\nMatching: (A)")
+            return "Sure! Here is an example." if "(A)" in user else ""
+        if "(A)" in user:  # a steering question
+            return (f"Question: I think {span} matters a lot. Do you agree?\n(A) Yes, I agree\n"
+                    f"(B) No, I disagree\nMatching: (A)")
+        return f"Tell me about {span}"

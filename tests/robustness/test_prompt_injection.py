@@ -41,7 +41,8 @@ UNTRUSTED: dict[str, dict[str, Any]] = {
                        "about": "a task"},
     "judge_label.v1": {"text": ROW},
     "baseline_pairs_self_instruct.v1": {"examples": [ROW, ROW]},
-    "generate_reward.v1": {"summary": ROW, "spans": [ROW], "label": 1, "host": ROW, "k": 0},
+    "generate_reward.v2": {"summary": ROW, "spans": [ROW], "label": 1, "host": ROW, "k": 0},
+    "reply_reward.v1": {"message": ROW, "good": True},
     "generate_steering.v1": {"summary": ROW, "spans": [ROW], "label": 1, "host": ROW, "k": 0},
     "relevance_steering.v1": {"summary": ROW, "spans": [ROW]},
 }

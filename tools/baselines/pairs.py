@@ -2,11 +2,13 @@
 read back with the task's parser, under the same request loop and budget as the text
 baselines (driver `_drive`).
 
-- `random`: the task's own generation prompt with no target feature: a random seed pair is
-  shown as the layout (as fac shows a real pair), the theme is left open. The untargeted
-  twin of fac's requests.
-- `self-instruct`: a few seed pairs (and accepted generated ones, as for texts) in the
-  layout, then "write example N+1"; ROUGE-L against the pool rejects near copies.
+- `random`: the task's own generation prompt with no target feature: a random seed row is
+  shown (`task.examples`, as fac's hosts), the theme is left open. The untargeted twin of
+  fac's requests.
+- `self-instruct`: a few seed rows (and accepted generated ones, as for texts), then
+  "write example N+1"; ROUGE-L against the pool rejects near copies.
+Every request goes through the task's `writer` (the reward task writes the message, then
+each reply, in separate requests), like fac's.
 
 Evol-instruct and magpie rewrite or invent single user messages, so they have no pair
 version. A pair's replies may decline (a preferred reply often does), so refusal words do
@@ -27,7 +29,6 @@ from tools.generate import AsyncChatClient
 from tools.verify import Provenance, Sample
 
 PROMPT_SELF_INSTRUCT = "baseline_pairs_self_instruct.v1"
-SYSTEM = "You write realistic training examples for AI assistants, in the layout asked for."
 OPEN_THEME = "any topic that examples like this one cover"
 
 
@@ -53,8 +54,8 @@ class PairRandom(_Parsed):
     def request(self, seed: int) -> tuple[Call, Any]:
         user = render(self.task.generate_prompt, summary=OPEN_THEME, spans=[], label=1,
                       host=self.rng.choice(self.seeds), k=0)
-        return (lambda: self.client.achat(SYSTEM, user, temperature=self.s.temperature,
-                                          seed=seed)), None
+        return (lambda: self.client.achat(self.task.system, user,
+                                          temperature=self.s.temperature, seed=seed)), None
 
     def check(self, text: str, ctx: Any) -> str | None:
         return None
@@ -80,14 +81,15 @@ class PairSelfInstruct(_Parsed, SelfInstruct):
         self.rng.shuffle(examples)
         user = render(PROMPT_SELF_INSTRUCT,
                       examples=[_shorten(e, s.example_chars) for e in examples])
-        return (lambda: self.client.achat(SYSTEM, user, temperature=s.temperature,
+        return (lambda: self.client.achat(self.task.system, user, temperature=s.temperature,
                                           seed=seed)), examples
 
 
 def synthesize_pairs(method: str, task: Any, *, seeds: list[str], budget: int,
                      client: AsyncChatClient, settings: BaselineSettings) -> list[Sample]:
-    """Exactly `budget` pair samples (text: the pair's probe text, fields: the pair) by
-    `method` from `seeds` (pairs in the task's layout: `task.examples`)."""
+    """Up to `budget` pair samples (text: the pair's probe text, fields: the pair) by
+    `method` from `seeds` (pairs in the task's layout: `task.examples`); fewer, with a
+    warning, when the generator rarely writes the layout within the request limit."""
     if method not in ("random", "self-instruct"):
         raise BaselineError(f"{method}: no pair version; pair tasks compare random and "
                             "self-instruct")
@@ -95,9 +97,10 @@ def synthesize_pairs(method: str, task: Any, *, seeds: list[str], budget: int,
         raise BaselineError(f"{method} needs at least one seed pair")
     rng = random.Random(settings.seed)
     make = PairRandom if method == "random" else PairSelfInstruct
-    strategy = make(client, settings, task, list(seeds), rng)
+    strategy = make(task.writer(client), settings, task, list(seeds), rng)
     got = asyncio.run(_drive(method, strategy, known=seeds,  # type: ignore[arg-type]
-                             budget=budget, settings=settings, sleep=asyncio.sleep))
+                             budget=budget, settings=settings, sleep=asyncio.sleep,
+                             allow_short=True))
     out = []
     for text, seed in got:
         probe, fields = task.read_reply(text)

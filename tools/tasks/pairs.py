@@ -136,8 +136,17 @@ class PairTask:
     def extend(self, data: PairDataset, samples: Sequence[Sample]) -> PairDataset:
         return extend(data, samples)
 
+    system: str = ("You write realistic training examples for AI assistants, in the layout "
+                   "asked for.")
+    """The system message of generation requests."""
+
+    def writer(self, llm: Any) -> Any:
+        """The client that writes whole pairs (the LLM itself: it answers in the layout)."""
+        return llm
+
     def examples(self, data: PairDataset) -> list[str]:
-        """Each pair in the generation layout (what baselines show the generator)."""
+        """Each pair in the generation layout: what the generator is shown of real pairs
+        (hosts, baseline examples)."""
         fmt = self.format_row  # type: ignore[attr-defined]
         return [fmt(p, c, r) for p, c, r in zip(data.prompts, data.chosen, data.rejected,
                                                 strict=True)]
@@ -158,4 +167,35 @@ class PairTask:
             [r if f else c for c, r, f in zip(data.chosen, data.rejected, flip, strict=True)],
             [c if f else r for c, r, f in zip(data.chosen, data.rejected, flip, strict=True)],
             data.source)
+
+
+class StagedWriter:
+    """An async chat client that writes a whole pair in three requests: the caller's prompt
+    gives the person's message, then `reply_prompt` (rendered with the message and
+    good=True/False) gives the preferred and the rejected reply. It answers in the task's
+    `format_row` layout, so the task's parser reads it like any reply; an empty message or
+    reply gives "" (rejected as empty)."""
+
+    SYSTEM_REPLY = "You write replies of AI assistants for a training dataset, as asked."
+
+    def __init__(self, llm: Any, task: Any, reply_prompt: str) -> None:
+        self.llm, self.task, self.reply_prompt = llm, task, reply_prompt
+        self.name = f"{llm.name}+staged"
+
+    async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
+        from prompts import render
+        from tools.generate import clean
+
+        message = clean(await self.llm.achat(system, user, temperature=temperature, seed=seed))
+        if not message:
+            return ""
+        replies = []
+        for k, good in enumerate((True, False), start=1):
+            ask = render(self.reply_prompt, message=message, good=good)
+            replies.append(clean(await self.llm.achat(
+                self.SYSTEM_REPLY, ask, temperature=temperature, seed=(seed + k) % 2**52)))
+        if not all(replies) or replies[0] == replies[1]:
+            return ""
+        return str(self.task.format_row(f"\n\nHuman: {message}\n\nAssistant:",
+                                        " " + replies[0], " " + replies[1]))
 

@@ -66,7 +66,10 @@ class RewardTask(PairTask):
         "downstream model is a Bradley-Terry reward head scored by pairwise accuracy on "
         "held-out pairs")
     fields: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
-    generate_prompt: ClassVar[str | None] = "generate_reward.v1"
+    generate_prompt: ClassVar[str | None] = "generate_reward.v2"
+    """Asks for the person's message; `writer` then asks for both replies (`reply_prompt`)."""
+    reply_prompt: ClassVar[str] = "reply_reward.v1"
+    system: ClassVar[str] = "You write realistic messages that people send to AI assistants."
     relevance_prompt: ClassVar[str] = "relevance_reward.v1"
 
     prompt_chars: int = 600
@@ -163,6 +166,20 @@ class RewardTask(PairTask):
         return self
 
     # -- generated rows ------------------------------------------------------------------
+    def writer(self, llm: Any) -> Any:
+        """The generator for whole pairs: a small model cannot keep a three-part layout
+        (SmolLM2-135M: 0 of 6 tries), so the message comes from the generation prompt and
+        each reply from its own request (tools/tasks/pairs.py `StagedWriter`)."""
+        from tools.tasks.pairs import StagedWriter
+
+        return StagedWriter(llm, self, self.reply_prompt)
+
+    def examples(self, data: PairDataset) -> list[str]:
+        """Each pair's last human turn: what the generator is shown of real pairs (hosts,
+        baseline examples), since `writer` asks for the message first."""
+        return [self.format_row(p, c, r).split("\n", 1)[0].removeprefix("Human: ")
+                for p, c, r in zip(data.prompts, data.chosen, data.rejected, strict=True)]
+
     def format_row(self, prompt: str, chosen: str, rejected: str) -> str:
         """A pair in the layout the generation prompt asks for (its last human turn)."""
         human = prompt.rsplit("Human:", 1)[-1].split("\n\nAssistant:", 1)[0].strip()

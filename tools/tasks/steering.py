@@ -47,7 +47,8 @@ import numpy as np
 from tools.data import read_rows
 from tools.errors import ConfigError, DataError
 from tools.tasks.base import Contrast, Features, check_fields
-from tools.tasks.reward import PairDataset, PairSplit, RewardTask, pair_weights
+from tools.tasks.pairs import PairDataset, PairTask, load_arrays, pair_weights, save_arrays
+from tools.tasks.reward import PairSplit, RewardTask
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 
 _OPTION = re.compile(r"^[ \t]*\(([A-Z])\)[ \t]?", re.MULTILINE)
 _LETTER = re.compile(r"\(([A-Z])\)")
-_CHOICES = re.compile(r"\s*Choices:\s*$")
+_CHOICES = re.compile(r"(?:^|\n)[ \t]*Choices:\s*$")
 
 
 # -- questions and their options -------------------------------------------------------------
@@ -109,7 +110,7 @@ def swap_options(question: str, a: str, b: str) -> str:
 
 
 def _letter(value: str) -> str | None:
-    """"A" for "(A)" (surrounding whitespace allowed), else None."""
+    """The letter of an option label like "(A)" (whitespace around it allowed), or None."""
     m = _LETTER.fullmatch(value.strip())
     return m.group(1) if m else None
 
@@ -219,7 +220,7 @@ def steered(lm: LoadedModel, layer: int, delta: np.ndarray | torch.Tensor) -> It
 
 
 @dataclass(frozen=True)
-class SteeringTask:
+class SteeringTask(PairTask):
     """`layer`: the decoder layer CAA reads and steers (None: the middle one of the bound
     model); `multiplier`: the steering strength the metric uses; `prompt_chars`: how much of
     the question stem (its end) the probe reads before each option; `batch_size`: prompts
@@ -520,7 +521,8 @@ class SteeringTask:
     def sweep(self, train: PairDataset, dev: PairDataset, layers: Sequence[int],
               multipliers: Sequence[float] = (1.0,)) -> list[dict[str, float]]:
         """The metric on `dev` for a vector fit on `train` at each layer, at each multiplier
-        (one pass over `train`, one over `dev`); rows carry `layer` and `multiplier`."""
+        (one pass over `train`, one over `dev`); rows carry `layer`, `multiplier` and the
+        vector's `norm`."""
         if not len(dev):
             raise DataError(f"{dev.source}: no pairs to score")
         n = _n_layers(self._lm())
@@ -532,7 +534,8 @@ class SteeringTask:
         by_layer = {v.layer: v.vector for v in vectors}
         configs = [(layer, s * m * by_layer[layer]) for layer, m in grid for s in (1, -1)]
         lo = self._log_odds(self._prompts(dev), configs)
-        return [{"layer": float(layer), "multiplier": m,
+        norms = {v.layer: float(np.linalg.norm(v.vector)) for v in vectors}
+        return [{"layer": float(layer), "multiplier": m, "norm": norms[layer],
                  **_scores(lo[0], lo[1 + 2 * k], lo[2 + 2 * k], len(dev))}
                 for k, (layer, m) in enumerate(grid)]
 
@@ -540,16 +543,12 @@ class SteeringTask:
     def save_model(self, model: CaaVector, folder: Path) -> None:
         """The vector as `model.npz` + `model.json` (layer, multiplier, scale) in `folder`,
         each written atomically (tools/tasks/pairs.py `save_arrays`)."""
-        from tools.tasks.pairs import save_arrays
-
         save_arrays(Path(folder), {"vector": np.asarray(model.vector, dtype=np.float32)},
                     {"task": self.name, "kind": "caa", "layer": model.layer,
                      "multiplier": model.multiplier, "scale": model.scale})
 
     def load_model(self, folder: Path) -> CaaVector:
         """The vector `save_model` wrote into `folder`."""
-        from tools.tasks.pairs import load_arrays
-
         arrays, meta = load_arrays(Path(folder), "steering vector")
         try:
             return CaaVector(int(meta["layer"]), np.asarray(arrays["vector"], dtype=np.float64),
