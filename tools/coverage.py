@@ -112,10 +112,10 @@ class JudgeSettings(BaseModel):
         "where the feature fires on the 1 side only, log-odds = log of that over the pairs "
         "where it fires on the 0 side only (what both sides share cancels)")
     paired_min_log_odds: float = Field(
-        1.0, description="min_log_odds for paired rows: two sides of one item differ less "
-        "than toxic and benign texts (400 HH-RLHF dev pairs: 0 task features at 2.0 and "
-        "3.6% support, 25 at 1.0 and 1%)")
-    paired_min_support_frac: float = Field(0.01, ge=0, le=1,
+        0.7, description="min_log_odds for paired rows: two sides of one item differ less "
+        "than toxic and benign texts (on 1,500 HH-RLHF dev pairs: 0 task features at 2.0 "
+        "and 3.6% support, 5 at 1.0 and 0.5%, 46 at 0.7 and 0.3%)")
+    paired_min_support_frac: float = Field(0.003, ge=0, le=1,
                                            description="min_support_frac for paired rows")
 
     def for_pairs(self) -> JudgeSettings:
