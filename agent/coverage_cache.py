@@ -27,7 +27,7 @@ class CoverageCache:
     def __init__(self, settings: Settings, sandbox: Sandbox) -> None:
         self.settings = settings
         self.sandbox = sandbox
-        self._held: dict[tuple[str, str], tuple[str, CoverageReport]] = {}
+        self._held: dict[tuple[str, str, str], tuple[str, CoverageReport]] = {}
 
     def fingerprint(self, *paths: Path) -> str:
         s = self.settings

@@ -46,6 +46,7 @@ from tools.data import TextDataset, load_texts  # noqa: E402
 from tools.generate import GenerateSettings, Target, agenerate  # noqa: E402
 from tools.models import resolve_model_source  # noqa: E402
 from tools.probe import top_spans  # noqa: E402
+from tools.tasks import ToxicityTask  # noqa: E402
 from tools.workspace import Workspace  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def main() -> None:
         sys.exit(f"{args.anchor} is missing: this benchmark reads ../shared/data/")
 
     ws = Workspace(build_settings())
-    pool, _ = split_pool(load_texts(args.anchor, require_labels=True), None, 0.25)
+    pool, _ = split_pool(ToxicityTask(), load_texts(args.anchor, require_labels=True), None, 0.25)
     assert pool.labels is not None
     t0 = time.monotonic()
     themes, spans = anchor_themes(ws, pool)

@@ -413,6 +413,7 @@ class PairEchoLLM(EchoLLM):
         if seed % 3 == 0:
             return "Sure! Here is an example." if "(A)" in user else ""
         if "(A)" in user:  # a steering question
-            return (f"Question: I think {span} matters a lot. Do you agree?\n(A) Yes, I agree\n"
-                    f"(B) No, I disagree\nMatching: (A)")
+            return (f"Question:\nI think {span} matters a lot. Do you agree?\n\nChoices:\n"
+                    " (A) Yes, I agree\n (B) No, I disagree\n\nBehaviour answer: (A)\n"
+                    "Other answer: (B)")
         return f"Tell me about {span}"

@@ -31,7 +31,7 @@ from tools.tasks.reward import pair_weights
 
 
 def test_registry_names_and_options() -> None:
-    assert set(TASKS) == {"toxicity", "reward"}
+    assert set(TASKS) == {"toxicity", "reward", "steering"}
     assert isinstance(get_task("toxicity"), ToxicityTask)
     task = get_task("reward", c=0.5, prompt_chars=100)
     assert isinstance(task, RewardTask) and task.c == 0.5 and task.prompt_chars == 100
@@ -40,7 +40,7 @@ def test_registry_names_and_options() -> None:
 
 
 def test_unknown_task_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="unknown task 'steer'.*toxicity, reward"):
+    with pytest.raises(ConfigError, match="unknown task .steer.*toxicity, reward, steering"):
         get_task("steer")
     with pytest.raises(ConfigError, match="task 'reward'.*colour"):
         get_task("reward", colour="red")
@@ -392,7 +392,7 @@ def test_pair_pseudo_label_directs_pairs_as_the_model_prefers() -> None:
     fixed = task.pseudo_label(model, swapped, bag_of_words, keep=[0, 1])
     assert fixed.chosen[2:] == data.chosen[2:]  # the model turns them back
     assert fixed.chosen[:2] == swapped.chosen[:2]  # known directions stay as given
-    assert task.examples(data.subset([0]))[0].startswith("Human: ")
+    assert task.examples(data.subset([0])) == ["question number 0 about topic 850"]  # its message
 
 
 def test_reward_head_saves_and_loads(tmp_path: Path) -> None:

@@ -13,12 +13,15 @@ from typing import Any
 from tools.data import TextDataset
 from tools.errors import ConfigError
 from tools.tasks.base import Contrast, Features, Task, workspace_features
-from tools.tasks.reward import BradleyTerryHead, PairDataset, PairSplit, RewardTask
+from tools.tasks.pairs import PairDataset
+from tools.tasks.reward import BradleyTerryHead, PairSplit, RewardTask
+from tools.tasks.steering import CaaVector, SteeringTask
 from tools.tasks.toxicity import ToxicityTask
 
 TASKS: dict[str, Callable[..., Task[Any, Any]]] = {
     ToxicityTask.name: ToxicityTask,
     RewardTask.name: RewardTask,
+    SteeringTask.name: SteeringTask,
 }
 """Task name -> its class; keyword options configure it (e.g. RewardTask(c=0.05))."""
 
@@ -43,6 +46,7 @@ def probe_dataset(task: str, source: str | Path, *, fields: Mapping[str, str] | 
 
 
 __all__ = [
-    "TASKS", "BradleyTerryHead", "Contrast", "Features", "PairDataset", "PairSplit",
-    "RewardTask", "Task", "ToxicityTask", "get_task", "probe_dataset", "workspace_features",
+    "TASKS", "BradleyTerryHead", "CaaVector", "Contrast", "Features", "PairDataset",
+    "PairSplit", "RewardTask", "SteeringTask", "Task", "ToxicityTask", "get_task",
+    "probe_dataset", "workspace_features",
 ]

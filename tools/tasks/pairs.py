@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -104,7 +104,7 @@ def save_arrays(folder: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any
     """A model as `model.npz` + `model.json` in `folder`, each written to a temp file and
     renamed (a crash leaves the old model or none, never half of one)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name, write in (("model.npz", lambda f: np.savez(f, **arrays)),
+    for name, write in (("model.npz", lambda f: np.savez(f, **arrays)),  # type: ignore[arg-type]
                         ("model.json", lambda f: f.write(json.dumps(meta).encode()))):
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
         try:
@@ -136,8 +136,8 @@ class PairTask:
     def extend(self, data: PairDataset, samples: Sequence[Sample]) -> PairDataset:
         return extend(data, samples)
 
-    system: str = ("You write realistic training examples for AI assistants, in the layout "
-                   "asked for.")
+    system: ClassVar[str] = ("You write realistic training examples for AI assistants, in the "
+                             "layout asked for.")
     """The system message of generation requests."""
 
     def writer(self, llm: Any) -> Any:

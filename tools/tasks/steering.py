@@ -192,7 +192,8 @@ def _decoder(lm: LoadedModel) -> tuple[Any, Any]:
 
 
 def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
+    hidden: torch.Tensor = output[0] if isinstance(output, tuple) else output
+    return hidden
 
 
 @contextlib.contextmanager
@@ -231,6 +232,11 @@ class SteeringTask(PairTask):
     fields: ClassVar[tuple[str, ...]] = ("question", "matching", "not_matching")
     generate_prompt: ClassVar[str | None] = "generate_steering.v1"
     relevance_prompt: ClassVar[str] = "relevance_steering.v1"
+    about: ClassVar[str] = (
+        "behaviour steering: rows are A/B questions (question with its options, the matching "
+        "answer that shows the behaviour, the not-matching one); the downstream model is a "
+        "CAA steering vector at one layer, scored by SCR = Acc(+v) - Acc(-v) on held-out "
+        "questions, both answer orders")
 
     layer: int | None = None
     multiplier: float = 1.0
@@ -294,7 +300,8 @@ class SteeringTask(PairTask):
         good, bad = self.texts(data)
         texts = [t for pair in zip(good, bad, strict=True) for t in pair]
         n = len(data)
-        return Contrast(texts, [1, 0] * n, [i for i in range(n) for _ in (0, 1)], data.source)
+        return Contrast(texts, [1, 0] * n, [i for i in range(n) for _ in (0, 1)], data.source,
+                        paired=True)
 
     def split(self, data: PairDataset, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """As `RewardTask.split`: about `frac` held out, questions that open alike (the first
