@@ -81,6 +81,8 @@ def compare(
     seeds: Annotated[int, typer.Option(help="seed sets (>= 5 for a paired 95% interval "
                                        "worth reading)")] = 5,
     seed_frac: Annotated[float, typer.Option(help="share of the pool in each seed set")] = 0.1,
+    eval_frac: Annotated[float, typer.Option(
+        help="share of --anchor held out for scoring when there is no --eval")] = 0.25,
     rounds: Annotated[int, typer.Option(help="fac: improve rounds")] = 2,
     top: Annotated[int, typer.Option(help="fac: features targeted per round")] = 50,
     request_factor: Annotated[float, typer.Option(
@@ -119,7 +121,8 @@ def compare(
             task_options=task_options(task_option),
             methods=[m.strip() for m in methods.split(",") if m.strip()],
             variants=variants, loop=parse_assignments(loop, "--set"), labels=labels,
-            budget=budget, seeds=seeds, seed_frac=seed_frac, rounds=rounds, top=top,
+            budget=budget, seeds=seeds, seed_frac=seed_frac, eval_frac=eval_frac,
+            rounds=rounds, top=top,
             request_factor=request_factor, synthetic_share=synthetic_share,
             detector=validated(DetectorSettings, "--detector", kind=detector))
         settings.check()
