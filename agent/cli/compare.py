@@ -90,7 +90,8 @@ def compare(
     synthetic_share: Annotated[float | None, typer.Option(
         help="added rows get this share of each class's detector weight (default: same "
         "weight as real rows)")] = None,
-    detector: Annotated[str, typer.Option(help="probe (fast) or lora")] = "probe",
+    detector: Annotated[str, typer.Option(help="the toxicity task's detector: probe (fast) "
+                                          "or lora")] = "probe",
     model: ModelOpt = None,
     sae: SaeOpt = None,
     generator: GeneratorOpt = None,

@@ -239,7 +239,7 @@ def improve(
     negatives: Annotated[
         float | None, typer.Option(help="share of each feature's samples asked as label 0 "
                                    "(harmless messages on its theme); 0: positives only "
-                                   "[default: 0.5]")
+                                   "[default: 0.5; pair tasks: 0, a pair has both sides]")
     ] = None,
     hosts: Annotated[
         bool | None, typer.Option("--hosts/--no-hosts", help="rewrite real anchor rows of the "
@@ -270,12 +270,13 @@ def improve(
         str, typer.Option(help="data (features absent from the data), model (over-represented "
                           "in the detector's errors on anchor rows) or both")
     ] = "data",
-    detector: Annotated[str, typer.Option(help="probe (fast) or lora (the paper's)")] = "probe",
+    detector: Annotated[str, typer.Option(help="the toxicity task's detector: probe (fast) or "
+                                          "lora (the paper's)")] = "probe",
     label_gate: Annotated[
         str, typer.Option(help="detector (a kept sample's label must look like real rows of "
                           "that label to the current detector), llm (the LLM must give that "
                           "label, if it agrees with real anchor labels well enough), both, "
-                          "or off")
+                          "or off; pair tasks: the task's model checks each pair's direction")
     ] = "detector",
     label_reference: Annotated[
         Path | None, typer.Option(help="labelled rows that know more than the seed (e.g. "
