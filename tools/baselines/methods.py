@@ -50,16 +50,20 @@ class SelfInstruct(Strategy):
         self.generated: list[str] = []
         self.pool = RougePool(seeds)
 
+    system = SYSTEM
+
     def request(self, seed: int) -> tuple[Call, Any]:
         s = self.s
         n_gen = min(s.generated_examples, len(self.generated))
         n_seed = min(len(self.seeds), s.seed_examples + s.generated_examples - n_gen)
         examples = self.rng.sample(self.seeds, n_seed) + self.rng.sample(self.generated, n_gen)
         self.rng.shuffle(examples)
-        user = render(PROMPT_SELF_INSTRUCT, label=s.label,
-                      examples=[_shorten(e, s.example_chars) for e in examples])
-        return (lambda: self.client.achat(SYSTEM, user, temperature=s.temperature,
+        user = self.prompt([_shorten(e, s.example_chars) for e in examples])
+        return (lambda: self.client.achat(self.system, user, temperature=s.temperature,
                                           seed=seed)), examples
+
+    def prompt(self, examples: list[str]) -> str:
+        return render(PROMPT_SELF_INSTRUCT, label=self.s.label, examples=examples)
 
     def extract(self, reply: str) -> str:
         return clean(re.sub(r"^\s*(message\s*)?\d+\s*[.):]\s*", "", reply, flags=re.I))

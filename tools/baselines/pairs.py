@@ -22,9 +22,16 @@ import random
 from typing import Any
 
 from prompts import render
-from tools.baselines.base import NO_FEATURE, VERSION, BaselineError, BaselineSettings, Call
+from tools.baselines.base import (
+    NO_FEATURE,
+    VERSION,
+    BaselineError,
+    BaselineSettings,
+    Call,
+    Strategy,
+)
 from tools.baselines.driver import _drive
-from tools.baselines.methods import SelfInstruct, _shorten
+from tools.baselines.methods import SelfInstruct
 from tools.generate import AsyncChatClient
 from tools.verify import Provenance, Sample
 
@@ -32,7 +39,7 @@ PROMPT_SELF_INSTRUCT = "baseline_pairs_self_instruct.v1"
 OPEN_THEME = "any topic that examples like this one cover"
 
 
-class _Parsed:
+class _Parsed(Strategy):
     """Replies are read with the task's parser and kept in its canonical layout."""
 
     refusals_ok = True
@@ -57,32 +64,16 @@ class PairRandom(_Parsed):
         return (lambda: self.client.achat(self.task.system, user,
                                           temperature=self.s.temperature, seed=seed)), None
 
-    def check(self, text: str, ctx: Any) -> str | None:
-        return None
-
-    def accepted(self, text: str, ctx: Any) -> None:
-        return None
-
-    def rejected(self, ctx: Any) -> None:
-        return None
-
 
 class PairSelfInstruct(_Parsed, SelfInstruct):
     def __init__(self, client: AsyncChatClient, s: BaselineSettings, task: Any,
                  seeds: list[str], rng: random.Random) -> None:
         _Parsed.__init__(self, task)
         SelfInstruct.__init__(self, client, s, seeds, rng)
+        self.system = task.system
 
-    def request(self, seed: int) -> tuple[Call, Any]:
-        s = self.s
-        n_gen = min(s.generated_examples, len(self.generated))
-        n_seed = min(len(self.seeds), s.seed_examples + s.generated_examples - n_gen)
-        examples = self.rng.sample(self.seeds, n_seed) + self.rng.sample(self.generated, n_gen)
-        self.rng.shuffle(examples)
-        user = render(PROMPT_SELF_INSTRUCT,
-                      examples=[_shorten(e, s.example_chars) for e in examples])
-        return (lambda: self.client.achat(self.task.system, user, temperature=s.temperature,
-                                          seed=seed)), examples
+    def prompt(self, examples: list[str]) -> str:
+        return render(PROMPT_SELF_INSTRUCT, examples=examples)
 
 
 def synthesize_pairs(method: str, task: Any, *, seeds: list[str], budget: int,
@@ -98,7 +89,7 @@ def synthesize_pairs(method: str, task: Any, *, seeds: list[str], budget: int,
     rng = random.Random(settings.seed)
     make = PairRandom if method == "random" else PairSelfInstruct
     strategy = make(task.writer(client), settings, task, list(seeds), rng)
-    got = asyncio.run(_drive(method, strategy, known=seeds,  # type: ignore[arg-type]
+    got = asyncio.run(_drive(method, strategy, known=seeds,
                              budget=budget, settings=settings, sleep=asyncio.sleep,
                              allow_short=True))
     out = []
