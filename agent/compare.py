@@ -302,18 +302,25 @@ class Comparison:
         rest, seed_idx = self.task.split(pool, self.s.seed_frac, s)
         seed_set = pool.subset(seed_idx)
         full = pool.subset([*seed_idx, *rest])
-        self.progress(f"seed {s}: reference models")
-        seed_model = self.fit(seed_set, s)
-        oracle = self.fit(full, s)
+        models: dict[str, Any] = {}
+
+        def model(name: str) -> Any:
+            """The seed set's or the full pool's model, fit on first use (a pair task's
+            fit can take minutes; a seed whose methods add nothing needs neither)."""
+            if name not in models:
+                self.progress(f"seed {s}: the {name} model")
+                models[name] = self.fit(seed_set if name == "seed" else full, s)
+            return models[name]
+
         if self.s.labels == "seed":
-            task_rows = self.task.pseudo_label(seed_model, pool, self.features, seed_idx)
+            task_rows = self.task.pseudo_label(model("seed"), pool, self.features, seed_idx)
             examples = self.task.examples(seed_set)
-            labeler = seed_model
         else:
-            task_rows, examples, labeler = pool, self.task.examples(pool), oracle
+            task_rows, examples = pool, self.task.examples(pool)
         added = {m: self.generate(m, s, task_rows, seed_set, examples)
                  for m in self.s.synthetic()}
         if "magpie" in added:
+            labeler = model("seed" if self.s.labels == "seed" else "full")
             added["magpie"] = self.label(labeler, added["magpie"])
         kept = min([self.s.budget, *(len(v) for v in added.values())])
         rng = np.random.default_rng(s)
@@ -329,14 +336,20 @@ class Comparison:
                 continue
             self.progress(f"seed {s}: scoring {method}")
             extra = [] if method == "full" else added.get(method, [])
-            data = full if method == "full" else self.task.extend(seed_set, extra)
-            n_real = len(data) - len(extra)  # full: every row is real
-            rows.append(self.measure(method, s, data, extra, n_real, oracle))
+            same = next((r for r in rows if r.method == "seed"), None)
+            if method not in ("seed", "full") and not extra and same is not None:
+                # nothing added: the same rows as the seed, so the same (seeded) model
+                rows.append(same.model_copy(update={"method": method}))
+            else:
+                data = full if method == "full" else self.task.extend(seed_set, extra)
+                n_real = len(data) - len(extra)  # full: every row is real
+                rows.append(self.measure(method, s, data, extra, n_real,
+                                         lambda: model("full")))
             write_text_atomic(cache, rows[-1].model_dump_json())
         return rows
 
     def measure(self, method: str, s: int, data: Any, extra: list[Sample], n_real: int,
-                oracle: Any) -> Row:
+                oracle: Callable[[], Any]) -> Row:
         model = self.fit(data, s, n_real=n_real)
         metrics = self.task.metric(model, self.ev, self.features)
         also = {name: self.task.metric(model, d, self.features) for name, d in self.also.items()}
@@ -346,7 +359,7 @@ class Comparison:
         agreement = positive = None
         if extra:
             added = self.task.extend(self.pool.subset([]), extra)
-            judged = self.task.agreement(oracle, added, self.features) >= 0.5
+            judged = self.task.agreement(oracle(), added, self.features) >= 0.5
             agreement = float(np.mean(judged))
             claimed = np.array([1 if x.label is None else x.label for x in extra])
             if isinstance(added, TextDataset) and (claimed == 1).any():
