@@ -82,7 +82,7 @@ def test_compare_end_to_end_equal_kept_and_paired(parts, tmp_path, monkeypatch) 
     assert methods["fac"]["loop"]["requests"] > 0 and methods["random"]["loop"] is None
     assert methods["full"]["n_train"] > methods["seed"]["n_train"]
     assert 0 <= methods["seed"]["fac_graded"] <= 1
-    assert "compare (seed protocol" in res.output
+    assert "toxicity task" in res.output and "seed protocol" in res.output
     assert "data:image/png;base64," in (tmp_path / "r.html").read_text()
     # a rerun reads every seed from the work folder
     again = run(parts, tmp_path, monkeypatch, *args)
