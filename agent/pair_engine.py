@@ -27,8 +27,7 @@ from tools.relevance import Relevance
 from tools.rundir import Metric
 from tools.synthesis import Interpreted, interpret_missing, verify_samples
 from tools.tasks import Task, workspace_features
-from tools.tasks.pairs import extend, pairs_of, reply_to_sample
-from tools.tasks.reward import PairDataset
+from tools.tasks.pairs import PairDataset, pairs_of, reply_to_sample
 from tools.verify import Sample, VerifyReport
 from tools.workspace import Workspace
 
@@ -48,7 +47,7 @@ class PairEngine:
         if task.generate_prompt is None:
             raise ConfigError(f"the {task.name} task has no generation prompt yet")
         self.ws = ws
-        self.task: Any = task.bind(ws)  # type: ignore[attr-defined]
+        self.task: Any = task.bind(ws)
         self.anchor = anchor
         self.eval_set = eval_set
         self.llm = llm
@@ -60,7 +59,7 @@ class PairEngine:
         self._anchor_texts = self.task.probe_texts(anchor).dataset()
 
     def _data(self, rows: Rows) -> PairDataset:
-        return extend(rows.data, rows.added)
+        return self.task.extend(rows.data, rows.added)
 
     def _texts(self, rows: Rows) -> TextDataset:
         return TextDataset(self.task.probe_texts(self._data(rows)).texts, None, "data")

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
@@ -77,6 +77,10 @@ class Task(Protocol[D, M]):
     """Prompt file (prompts/<name>.md) that asks for new rows; None: not written yet."""
     relevance_prompt: ClassVar[str]
     """Prompt file with the task guideline the LLM relevance judge reads."""
+
+    def bind(self, ws: Any) -> Task[D, M]:
+        """The task for a workspace (a task that runs the workspace's model keeps it)."""
+        ...
 
     def load(self, source: str | Path, *, fields: Mapping[str, str] | None = None,
              require_labels: bool = False) -> D:
