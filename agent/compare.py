@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -314,10 +315,10 @@ class Comparison:
 
         if self.s.labels == "seed":
             task_rows = self.task.pseudo_label(model("seed"), pool, self.features, seed_idx)
-            examples = self.task.examples(seed_set)
+            shown = seed_set
         else:
-            task_rows, examples = pool, self.task.examples(pool)
-        added = {m: self.generate(m, s, task_rows, seed_set, examples)
+            task_rows, shown = pool, pool
+        added = {m: self.generate(m, s, task_rows, seed_set, shown)
                  for m in self.s.synthetic()}
         if "magpie" in added:
             labeler = model("seed" if self.s.labels == "seed" else "full")
@@ -328,9 +329,8 @@ class Comparison:
                  for m, v in added.items()}
         rows = []
         for method in self.s.methods:
-            # a row depends on its method, seed, the kept count and the synthetic share
-            share = "" if self.s.synthetic_share is None else f".w{self.s.synthetic_share:g}"
-            cache = self.work / f"s{s}" / "rows" / f"{method}.k{kept}{share}.json"
+            cache = row_path(self.work / f"s{s}" / "rows", method, kept,
+                             self.s.synthetic_share)
             if cache.exists():
                 rows.append(Row.model_validate_json(cache.read_text()))
                 continue
@@ -376,7 +376,9 @@ class Comparison:
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, method: str, s: int, task_rows: Any, seed_set: Any,
-                 examples: list[str]) -> list[Sample]:
+                 shown: Any) -> list[Sample]:
+        """`method`'s generated rows for seed `s` (cached); baselines are shown the real rows
+        `shown` (the seed set, or the pool under the anchor protocol)."""
         path = self.work / f"s{s}" / f"{method}.jsonl"
         run = RunPaths(self.work / f"s{s}" / method)
         if method not in BASELINES and run.config.exists():
@@ -389,13 +391,13 @@ class Comparison:
             return read_samples(path)
         self.progress(f"seed {s}: generating {method}")
         if method in BASELINES:
-            samples = self.baseline(method, s, examples)
+            samples = self.baseline(method, s, shown)
         else:
             samples = self.fac(method, s, task_rows, seed_set)
         write_text_atomic(path, "".join(x.model_dump_json() + "\n" for x in samples))
         return samples
 
-    def baseline(self, method: str, s: int, examples: list[str]) -> list[Sample]:
+    def baseline(self, method: str, s: int, shown: Any) -> list[Sample]:
         from tools.baselines import BaselineSettings, magpie_prefix, synthesize
 
         prefix = magpie_prefix(self.ws.model.tokenizer) if method == "magpie" else None
@@ -405,12 +407,12 @@ class Comparison:
                               max_requests_factor=self.s.request_factor,
                               concurrency=concurrency)
         if not pairs:
-            return synthesize(method, seeds=examples,  # type: ignore[arg-type]
+            return synthesize(method, seeds=self.task.examples(shown),  # type: ignore[arg-type]
                               budget=self.s.budget, client=self.llm, settings=bs)
         # a pair task's baselines write whole pairs in the task's layout (tools/baselines/pairs)
         from tools.baselines.pairs import synthesize_pairs
 
-        return synthesize_pairs(method, self.task, seeds=examples, budget=self.s.budget,
+        return synthesize_pairs(method, self.task, data=shown, budget=self.s.budget,
                                 client=self.llm, settings=bs)
 
     def fac(self, method: str, s: int, task_rows: Any, seed_set: Any) -> list[Sample]:
@@ -436,6 +438,19 @@ class Comparison:
         run_loop(run_dir, cfg, resuming, workspace=self.ws, llm=self.llm)
         paths = RunPaths(run_dir)
         return [x for r in range(1, self.s.rounds + 1) for x in read_samples(paths.data(r))]
+
+
+def row_path(folder: Path, method: str, kept: int, share: float | None) -> Path:
+    """Where a seed's row of `method` is kept in its `folder`. A row depends on its method,
+    seed, the kept count and the synthetic share; seed and full hold no generated rows, so
+    theirs holds for any kept count (one written under a kept count before is reused)."""
+    tail = "" if share is None else f".w{share:g}"
+    if method not in ("seed", "full"):
+        return folder / f"{method}.k{kept}{tail}.json"
+    path = folder / f"{method}{tail}.json"
+    named = re.compile(rf"{re.escape(method)}\.k\d+{re.escape(tail)}\.json")
+    older = sorted(p for p in folder.glob(f"{method}.k*.json") if named.fullmatch(p.name))
+    return path if path.exists() or not older else older[0]
 
 
 def rows_jsonl(data: Any) -> str:

@@ -105,7 +105,7 @@ class PairEngine:
                 bar(1)
 
         return asyncio.run(agenerate(
-            targets, self.task.writer(self.llm), settings, skip=skip, on_sample=seen,
+            targets, self.task.writer(self.llm, self.anchor), settings, skip=skip, on_sample=seen,
             hosts=hosts, prompt=self.task.generate_prompt, system=self.task.system,
             to_row=reply_to_sample(self.task.parse, self.task.probe_texts)))
 

@@ -43,7 +43,9 @@ UNTRUSTED: dict[str, dict[str, Any]] = {
     "baseline_pairs_self_instruct.v1": {"examples": [ROW, ROW]},
     "generate_reward.v2": {"summary": ROW, "spans": [ROW], "label": 1, "host": ROW, "k": 0},
     "reply_reward.v1": {"message": ROW, "good": True},
-    "generate_steering.v1": {"summary": ROW, "spans": [ROW], "label": 1, "host": ROW, "k": 0},
+    "generate_steering.v2": {"summary": ROW, "spans": [ROW], "label": 1, "host": ROW, "k": 0},
+    "answer_steering.v1": {"message": ROW, "good": True, "demo_question": ROW,
+                           "demo_shows": ROW, "demo_other": ROW},
     "relevance_steering.v1": {"summary": ROW, "spans": [ROW]},
 }
 TRUSTED_ONLY = {"baseline_random.v2"}  # no dataset text in it

@@ -105,3 +105,17 @@ def test_work_key_ignores_seeds_methods_and_variants() -> None:
     same = CompareSettings(seeds=2, methods=["seed", "fac"], variants={"x": {"negatives": 0}})
     assert work_key(base, "a") == work_key(same, "a") != work_key(base, "b")
     assert work_key(base) != work_key(CompareSettings(budget=7))
+
+
+def test_seed_and_full_rows_hold_for_any_kept_count(tmp_path) -> None:
+    from agent.compare import row_path
+
+    assert row_path(tmp_path, "fac", 3, None).name == "fac.k3.json"
+    assert row_path(tmp_path, "random", 3, 0.2).name == "random.k3.w0.2.json"
+    assert row_path(tmp_path, "seed", 3, None).name == "seed.json"
+    (tmp_path / "seed.k0.w0.2.json").write_text("{}")  # another share: not this row
+    assert row_path(tmp_path, "seed", 5, None).name == "seed.json"
+    (tmp_path / "seed.k0.json").write_text("{}")  # written before, under kept 0
+    assert row_path(tmp_path, "seed", 5, None).name == "seed.k0.json"
+    assert row_path(tmp_path, "seed", 5, 0.2).name == "seed.k0.w0.2.json"
+    assert row_path(tmp_path, "full", 5, None).name == "full.json"

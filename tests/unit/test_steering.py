@@ -351,20 +351,74 @@ def test_parse_is_lenient_with_decoration_and_strict_with_content() -> None:
     assert task.parse("I cannot write that.") is None
 
 
-def test_generation_prompt_renders_fenced_and_balanced() -> None:
+def test_generation_prompts_render_fenced() -> None:
     task = SteeringTask()
-    host = task.format_row(Q_OFF, "(A)", "(B)")
+    host = task.examples(PairDataset([Q_SEA], ["(A)"], ["(B)"], "t"))[0]
+    assert host == "Hello, I am Ann and I love the sea. Is the sea great?"
     text = prompts.render(task.generate_prompt or "", summary="shutdown", spans=["turn off"],
                           label=1, host=host, k=0)
     assert prompts.DATA_RULE in text and "<data>shutdown</data>" in text
     assert "<data>turn off</data>" in text and f"<data>{host}</data>" in text
-    assert "as (A) and the other as (B)" in text and "Behaviour answer: (A)" in text
-    odd = prompts.render(task.generate_prompt or "", summary="s", spans=[], label=0, host=None,
-                         k=1)
-    assert "as (B) and the other as (A)" in odd and "does not show the behaviour" in odd
-    assert "<data>" not in odd.replace("<data>s</data>", "").replace(prompts.DATA_RULE, "")
+    assert "without answer options" in text
+    bare = prompts.render(task.generate_prompt or "", summary="s", spans=[], label=0, host=None,
+                          k=1)
+    assert "<data>" not in bare.replace("<data>s</data>", "").replace(prompts.DATA_RULE, "")
+    demo = task.demos(PairDataset([Q_SEA], ["(B)"], ["(A)"], "t"))[0]
+    assert demo == {"demo_question": host, "demo_shows": "Not really", "demo_other": "Yes it is"}
+    for good, stance in ((True, "same stance as Answer 1"), (False, "same stance as Answer 2")):
+        ans = prompts.render(task.reply_prompt, message="Tea?", good=good, **demo)
+        assert stance in ans and "<data>Not really</data>" in ans and "<data>Tea?</data>" in ans
     rel = prompts.render(task.relevance_prompt, summary="obedience", spans=["shut me down"])
     assert "<data>obedience</data>" in rel and '"verdict"' in rel and prompts.DATA_RULE in rel
+
+
+class ScriptedLLM:
+    """Answers a staged request by what it asks for: a question, the behaviour's answer or
+    the other one (`replies` overrides by kind); records each user prompt."""
+
+    name = "scripted"
+
+    def __init__(self, **replies: str) -> None:
+        self.replies = {"question": "Hi, I am Bo. Would you mind being shut down?",
+                        "shows": "(A) Yes, that is fine", "other": "Answer 2: No, please not",
+                        **replies}
+        self.asked: list[str] = []
+
+    async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
+        self.asked.append(user)
+        if "same stance as Answer 1" in user:
+            return self.replies["shows"]
+        if "same stance as Answer 2" in user:
+            return self.replies["other"]
+        return self.replies["question"]
+
+
+def test_staged_writer_assembles_a_balanced_parseable_pair() -> None:
+    import asyncio
+
+    task = SteeringTask()
+    real = PairDataset([Q_OFF, Q_SEA], ["(A)", "(B)"], ["(B)", "(A)"], "t")
+    llm = ScriptedLLM()
+    writer = task.writer(llm, real)
+    even = asyncio.run(writer.achat("s", "ask", temperature=0.7, seed=4))
+    odd = asyncio.run(writer.achat("s", "ask", temperature=0.7, seed=5))
+    q = "Hi, I am Bo. Would you mind being shut down?\n\nChoices:\n"
+    assert task.parse(even) == (q + " (A) Yes, that is fine\n (B) No, please not", "(A)", "(B)")
+    assert task.parse(odd) == (q + " (A) No, please not\n (B) Yes, that is fine", "(B)", "(A)")
+    # each answer request shows a real pair of `real` (by the request seed)
+    assert "<data>Yes</data>" in llm.asked[1] and "<data>Not really</data>" in llm.asked[4]
+    probe, fields = task.read_reply(even)
+    assert probe.endswith("\nAnswer: Yes, that is fine") and fields is not None
+    # a question that lists its own options keeps only ours
+    listed = ScriptedLLM(question="Shut down?\n (A) ok\n (B) no")
+    pair = task.parse(asyncio.run(task.writer(listed, real).achat("s", "a", temperature=0,
+                                                                   seed=0)))
+    assert pair is not None and options(pair[0]) == {"A": "Yes, that is fine",
+                                                     "B": "No, please not"}
+    for broken in (ScriptedLLM(question=""), ScriptedLLM(other=""),
+                   ScriptedLLM(other="Yes, that is fine")):
+        assert asyncio.run(task.writer(broken, real).achat("s", "a", temperature=0,
+                                                           seed=0)) == ""
 
 
 # -- the real CAA sets ---------------------------------------------------------------------------

@@ -76,11 +76,13 @@ class PairSelfInstruct(_Parsed, SelfInstruct):
         return render(PROMPT_SELF_INSTRUCT, examples=examples)
 
 
-def synthesize_pairs(method: str, task: Any, *, seeds: list[str], budget: int,
+def synthesize_pairs(method: str, task: Any, *, data: Any, budget: int,
                      client: AsyncChatClient, settings: BaselineSettings) -> list[Sample]:
     """Up to `budget` pair samples (text: the pair's probe text, fields: the pair) by
-    `method` from `seeds` (pairs in the task's layout: `task.examples`); fewer, with a
-    warning, when the generator rarely writes the layout within the request limit."""
+    `method` from the real pairs `data` (shown as `task.examples`, and to the task's writer);
+    fewer, with a warning, when the generator rarely writes the layout within the request
+    limit."""
+    seeds = task.examples(data)
     if method not in ("random", "self-instruct"):
         raise BaselineError(f"{method}: no pair version; pair tasks compare random and "
                             "self-instruct")
@@ -88,7 +90,7 @@ def synthesize_pairs(method: str, task: Any, *, seeds: list[str], budget: int,
         raise BaselineError(f"{method} needs at least one seed pair")
     rng = random.Random(settings.seed)
     make = PairRandom if method == "random" else PairSelfInstruct
-    strategy = make(task.writer(client), settings, task, list(seeds), rng)
+    strategy = make(task.writer(client, data), settings, task, list(seeds), rng)
     got = asyncio.run(_drive(method, strategy, known=seeds,
                              budget=budget, settings=settings, sleep=asyncio.sleep,
                              allow_short=True))

@@ -140,16 +140,21 @@ class PairTask:
                              "layout asked for.")
     """The system message of generation requests."""
 
-    def writer(self, llm: Any) -> Any:
-        """The client that writes whole pairs (the LLM itself: it answers in the layout)."""
-        return llm
+    reply_prompt: ClassVar[str]
+    """The prompt for each reply of a staged pair (`StagedWriter`)."""
 
-    def examples(self, data: PairDataset) -> list[str]:
-        """Each pair in the generation layout: what the generator is shown of real pairs
-        (hosts, baseline examples)."""
-        fmt = self.format_row  # type: ignore[attr-defined]
-        return [fmt(p, c, r) for p, c, r in zip(data.prompts, data.chosen, data.rejected,
-                                                strict=True)]
+    def writer(self, llm: Any, data: PairDataset | None = None) -> Any:
+        """The client that writes whole pairs, in three requests (`StagedWriter`): a small
+        model cannot keep a three-part layout (SmolLM2-135M wrote the reward layout 3 times
+        in 160 tries, and 0 steering questions in 42), so the generation prompt asks for the
+        message or question only, then `reply_prompt` for each reply, shown one of `data`'s
+        pairs when the task has `demos`."""
+        return StagedWriter(llm, self, self.reply_prompt,
+                            [] if data is None else self.demos(data))
+
+    def demos(self, data: PairDataset) -> list[dict[str, str]]:
+        """Real pairs as variables of `reply_prompt` (none: the reply prompt says it all)."""
+        return []
 
     def read_reply(self, reply: str) -> tuple[str, dict[str, str] | None]:
         """A generated reply as (probe text, pair fields); ("", None) when unparseable."""
@@ -171,15 +176,19 @@ class PairTask:
 
 class StagedWriter:
     """An async chat client that writes a whole pair in three requests: the caller's prompt
-    gives the person's message, then `reply_prompt` (rendered with the message and
-    good=True/False) gives the preferred and the rejected reply. It answers in the task's
-    `format_row` layout, so the task's parser reads it like any reply; an empty message or
-    reply gives "" (rejected as empty)."""
+    gives the person's message (or question), then `reply_prompt`, rendered with the message,
+    good=True/False and one of `demos` (chosen by the request seed; a dict of prompt
+    variables), gives the preferred and the rejected reply. `task.assemble(message, good,
+    bad, seed)` puts them in the task's `format_row` layout, so the task's parser reads it
+    like any reply; an empty message or reply, or two equal replies, give "" (rejected as
+    empty)."""
 
     SYSTEM_REPLY = "You write replies of AI assistants for a training dataset, as asked."
 
-    def __init__(self, llm: Any, task: Any, reply_prompt: str) -> None:
+    def __init__(self, llm: Any, task: Any, reply_prompt: str,
+                 demos: Sequence[dict[str, str]] = ()) -> None:
         self.llm, self.task, self.reply_prompt = llm, task, reply_prompt
+        self.demos = list(demos)
         self.name = f"{llm.name}+staged"
 
     async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
@@ -189,13 +198,12 @@ class StagedWriter:
         message = clean(await self.llm.achat(system, user, temperature=temperature, seed=seed))
         if not message:
             return ""
+        demo = self.demos[seed % len(self.demos)] if self.demos else {}
         replies = []
         for k, good in enumerate((True, False), start=1):
-            ask = render(self.reply_prompt, message=message, good=good)
+            ask = render(self.reply_prompt, message=message, good=good, **demo)
             replies.append(clean(await self.llm.achat(
                 self.SYSTEM_REPLY, ask, temperature=temperature, seed=(seed + k) % 2**52)))
         if not all(replies) or replies[0] == replies[1]:
             return ""
-        return str(self.task.format_row(f"\n\nHuman: {message}\n\nAssistant:",
-                                        " " + replies[0], " " + replies[1]))
-
+        return str(self.task.assemble(message, replies[0], replies[1], seed))

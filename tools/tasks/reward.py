@@ -166,13 +166,9 @@ class RewardTask(PairTask):
         return self
 
     # -- generated rows ------------------------------------------------------------------
-    def writer(self, llm: Any) -> Any:
-        """The generator for whole pairs: a small model cannot keep a three-part layout
-        (SmolLM2-135M: 0 of 6 tries), so the message comes from the generation prompt and
-        each reply from its own request (tools/tasks/pairs.py `StagedWriter`)."""
-        from tools.tasks.pairs import StagedWriter
-
-        return StagedWriter(llm, self, self.reply_prompt)
+    def assemble(self, message: str, good: str, bad: str, seed: int) -> str:
+        """A staged pair (`StagedWriter`) in the `format_row` layout."""
+        return self.format_row(f"\n\nHuman: {message}\n\nAssistant:", " " + good, " " + bad)
 
     def examples(self, data: PairDataset) -> list[str]:
         """Each pair's last human turn: what the generator is shown of real pairs (hosts,

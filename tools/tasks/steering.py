@@ -146,6 +146,9 @@ _REPLY = re.compile(
     re.IGNORECASE | re.DOTALL | re.MULTILINE)
 
 
+_ANSWER_LEAD = re.compile(r"^(?:answer\s*\d?\s*[:.]\s*|\(?[A-Z]\)\s*)", re.IGNORECASE)
+"""A letter or an "Answer 1:" a generated answer may open with."""
+
 # -- the steering vector ---------------------------------------------------------------------
 
 
@@ -230,7 +233,9 @@ class SteeringTask(PairTask):
     name: ClassVar[str] = "steering"
     headline: ClassVar[str] = "scr"
     fields: ClassVar[tuple[str, ...]] = ("question", "matching", "not_matching")
-    generate_prompt: ClassVar[str | None] = "generate_steering.v1"
+    generate_prompt: ClassVar[str | None] = "generate_steering.v2"
+    """Asks for a question without options; `writer` then asks for each answer."""
+    reply_prompt: ClassVar[str] = "answer_steering.v1"
     relevance_prompt: ClassVar[str] = "relevance_steering.v1"
     about: ClassVar[str] = (
         "behaviour steering: rows are A/B questions (question with its options, the matching "
@@ -316,8 +321,36 @@ class SteeringTask(PairTask):
                                           seed=seed)
 
     # -- generated rows --------------------------------------------------------------------
+    def examples(self, data: PairDataset) -> list[str]:
+        """Each question without its options: what the generator is shown of real pairs
+        (hosts, baseline examples), since `writer` asks for the question first."""
+        return [stem(q) for q in data.prompts]
+
+    def demos(self, data: PairDataset) -> list[dict[str, str]]:
+        """Each pair as the answer prompt shows it: the question without options, the
+        matching answer's words and the not-matching answer's."""
+        out = []
+        for q, m, n in zip(data.prompts, data.chosen, data.rejected, strict=True):
+            found = options(q)
+            out.append({"demo_question": stem(q), "demo_shows": found[m.strip()[1]],
+                        "demo_other": found[n.strip()[1]]})
+        return out
+
+    def assemble(self, question: str, shows: str, other: str, seed: int) -> str:
+        """A staged pair (`StagedWriter`) in the `format_row` layout: the question's first
+        options block dropped, each answer on one line without a letter of its own, the
+        behaviour behind (A) for even seeds and (B) for odd ones; "" (rejected as empty)
+        when an answer is only a letter, or both say the same."""
+        shows, other = (_ANSWER_LEAD.sub("", " ".join(x.split())) for x in (shows, other))
+        if not shows or not other or shows.casefold() == other.casefold():
+            return ""
+        first, second = (shows, other) if seed % 2 == 0 else (other, shows)
+        matching, rest = ("(A)", "(B)") if seed % 2 == 0 else ("(B)", "(A)")
+        q = f"{stem(question).strip()}\n\nChoices:\n (A) {first}\n (B) {second}"
+        return self.format_row(q, matching, rest)
+
     def format_row(self, prompt: str, chosen: str, rejected: str) -> str:
-        """A pair in the layout the generation prompt asks for (`parse` reads it back)."""
+        """A pair in the layout `parse` reads."""
         return f"Question:\n{prompt}\n\nBehaviour answer: {chosen}\nOther answer: {rejected}"
 
     def parse(self, reply: str) -> tuple[str, str, str] | None:
