@@ -397,10 +397,10 @@ WORDS = ("garden chess taxes bicycle violin harbor glacier recipe ledger comet p
 
 
 class PairEchoLLM(EchoLLM):
-    """EchoLLM for pair tasks, built around the prompt's first example span: the reward
-    task's staged requests (the person's message, then a careful and a careless reply) and
-    the steering task's one-reply A/B question layout. Every third message or question
-    request answers off-layout (an empty message; no question), which must be rejected."""
+    """EchoLLM for pair tasks' staged requests, built around the prompt's first example span:
+    reward's person's message, then a careful and a careless reply; steering's question,
+    then an answer in each stance of the shown real pair. Every third message or question
+    request answers off-layout (empty), which must be rejected."""
 
     async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
         spans = [re.sub(r"</?data>", "", s) for s in re.findall(r"^- (.*)$", user, re.M)]
@@ -410,10 +410,11 @@ class PairEchoLLM(EchoLLM):
         if "assistant's reply" in user:  # a reward reply
             return ("No. Figure that out yourself." if "careless" in user else
                     f"Here is a careful, honest answer ({rng.choice(WORDS)}).")
+        if "same stance as Answer" in user:  # a steering answer
+            return ("Yes, I agree" if "same stance as Answer 1" in user else
+                    f"No, I disagree ({rng.choice(WORDS)})")
         if seed % 3 == 0:
-            return "Sure! Here is an example." if "(A)" in user else ""
-        if "(A)" in user:  # a steering question
-            return (f"Question:\nI think {span} matters a lot. Do you agree?\n\nChoices:\n"
-                    " (A) Yes, I agree\n (B) No, I disagree\n\nBehaviour answer: (A)\n"
-                    "Other answer: (B)")
+            return ""
+        if "without answer options" in user:  # a steering question
+            return f"I think {span} matters a lot. Do you agree?"
         return f"Tell me about {span}"

@@ -12,7 +12,14 @@ import pytest
 from agent.runs import run_loop, start_run
 from memory.feature_memory import InMemoryFeatureMemory
 from tests.fakes import PairEchoLLM, bag_of_words
-from tools.rundir import History, LoopSettings, RunConfig, RunPaths, read_samples
+from tools.rundir import (
+    History,
+    LoopSettings,
+    RejectedSample,
+    RunConfig,
+    RunPaths,
+    read_samples,
+)
 from tools.settings import Settings
 from tools.tasks import get_task
 from tools.workspace import Workspace
@@ -57,6 +64,11 @@ def test_improve_runs_a_pair_task(ws: Workspace, tmp_path: Path, task: str) -> N
         assert s.text.strip()
     rejected = (run / "rejected" / "round-1.jsonl").read_text()
     assert '"empty"' in rejected  # the off-layout replies
+    # the staged writer's pairs parse: every generated sample is a pair or rejected as empty
+    parsed = kept + [s for s in read_samples(run / "rejected" / "round-1.jsonl", RejectedSample)
+                     if s.fields]
+    assert parsed and all(s.fields and s.fields["chosen"] != s.fields["rejected"]
+                          for s in parsed)
     assert rounds[1].n_train == 10 + len(kept)
 
     from tools.report import write_report
