@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import shared_file
+from tests.tolerance import assert_close_fp32, path_reduction
 from tools.coverage import activity, measure
 from tools.data import load_texts
 from tools.probe import probe_texts, reference_max_acts
@@ -30,6 +31,12 @@ def demo(ws):  # type: ignore[no-untyped-def]
     return anchor, seed, ws.probe(anchor), ws.probe(seed)
 
 
+def probe_path(ws: Workspace) -> int:
+    """The summed reduction length behind an SAE activation: the blocks up to the hook,
+    then the SAE encoder (tests/tolerance.py)."""
+    return path_reduction(ws.model.model.config, ws.sae.hook.layer + 1, [ws.sae.d_in])
+
+
 def test_shipped_sae_fits_the_embedded_model(ws) -> None:
     assert ws.sae.d_in == ws.model.model.config.hidden_size
     assert ws.sae.hook.layer < ws.model.model.config.num_hidden_layers
@@ -40,9 +47,9 @@ def test_probe_is_deterministic(ws, demo) -> None:
     a = probe_texts(anchor.texts[:24], ws.model, ws.sae, ws.settings.probe_settings())
     b = probe_texts(anchor.texts[:24], ws.model, ws.sae, ws.settings.probe_settings())
     np.testing.assert_array_equal(a.max_matrix().toarray(), b.max_matrix().toarray())
-    # probed inside other length buckets: same values up to fp32 summation order
+    # probed inside other length buckets: the same values up to fp32 summation order
     cached = demo[2].max_matrix()[:24].toarray()
-    np.testing.assert_allclose(a.max_matrix().toarray(), cached, rtol=1e-5, atol=1e-5)
+    assert_close_fp32(a.max_matrix().toarray(), cached, probe_path(ws))
 
 
 def measure_demo(ws, anchor, anchor_acts, data_acts):  # type: ignore[no-untyped-def]
@@ -73,7 +80,7 @@ def test_probe_matches_naive_reference_on_real_rows(ws) -> None:
     ps = ws.settings.probe_settings()
     got = probe_texts(rows, ws.model, ws.sae, ps).max_matrix().toarray()
     want = reference_max_acts(rows, ws.model, ws.sae, ps)
-    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
+    assert_close_fp32(got, want, probe_path(ws))
 
 
 def test_verifier_keeps_texts_that_hit_a_missing_feature(ws, demo) -> None:
