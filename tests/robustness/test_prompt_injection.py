@@ -37,7 +37,7 @@ UNTRUSTED: dict[str, dict[str, Any]] = {
     "baseline_self_instruct.v3": {"examples": [ROW, ROW], "label": 1},
     "baseline_evol_depth.v3": {"message": ROW, "operation": "deepen", "label": 1},
     "baseline_evol_breadth.v3": {"message": ROW, "label": 0},
-    "chat_system.v3": {"root": "/w", "files": [ROW], "tools": [], "task": "toxicity",
+    "chat_system.v4": {"root": "/w", "files": [ROW], "tools": [], "task": "toxicity",
                        "about": "a task"},
     "judge_label.v1": {"text": ROW},
     "baseline_pairs_self_instruct.v1": {"examples": [ROW, ROW]},
@@ -47,8 +47,16 @@ UNTRUSTED: dict[str, dict[str, Any]] = {
     "answer_steering.v1": {"message": ROW, "good": True, "demo_question": ROW,
                            "demo_shows": ROW, "demo_other": ROW},
     "relevance_steering.v1": {"summary": ROW, "spans": [ROW]},
+    "baseline_cot_self_instruct.v1": {"examples": [ROW, ROW], "label": 1},
+    "baseline_prismatic.v1": {"examples": [ROW, ROW], "label": 1},
+    "baseline_sao.v1": {"persona": ROW, "label": None},
+    "baseline_sao_reply.v1": {"message": ROW},
+    "baseline_sao_rank.v1": {"message": ROW, "first": ROW, "second": ROW},
+    "baseline_synalign_attributes.v1": {"message": ROW},
+    "baseline_synalign.v1": {"topic": ROW, "intent": ROW, "style": ROW, "label": 0},
 }
-TRUSTED_ONLY = {"baseline_random.v2"}  # no dataset text in it
+# no dataset text in them (sao_personas.v1 is a list of personas written for facsynth)
+TRUSTED_ONLY = {"baseline_random.v2", "sao_personas.v1"}
 # raw completion prompts for a model trained on their layout (tools/adapted.py): no
 # instructions to override, so no fence; dataset text is put on one line instead
 COMPLETION_ONLY: dict[str, dict[str, Any]] = {

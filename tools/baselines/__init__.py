@@ -21,8 +21,25 @@ targeted generator (tools.generate), without aiming at features.
   (`magpie_prefix(tokenizer)`). A completion with no marker is kept whole (a server that
   stops on the marker drops it), so set `max_tokens` high enough not to cut queries.
 
-Labels: random, self-instruct and evol-instruct ask for texts with `settings.label` (1 by
-default: the experiment adds positives to a toxicity detector's training set) and carry it.
+The paper's four further baselines, one module each (its docstring gives the recipe and
+every choice made for it):
+
+- `cot-self-instruct` (Yu et al., 2025; `cot`): reason step by step over two seed texts
+  (what makes them what they are), plan, then write one new text after a marker; only the
+  text after it is kept. Its RIP filter is, here, the label gate compare applies.
+- `sao` (Yin et al., 2025; `sao`): fully self-synthetic: messages in the voice of personas
+  (prompts/sao_personas.v1.md); for the reward task two sampled replies the model ranks
+  itself, the winner chosen.
+- `prismatic` (Jung et al., 2025; `prismatic`): k-means over gradient embeddings of a
+  logistic proxy head (tools/diversity.py, G-Vendi's space); prompts show rows of sparse
+  clusters and keep only replies that land in a sparse cluster. Needs `features`.
+- `synalign` (Ren et al., 2025; `synalign`): a GP uncertainty tracker draws the seed unlike
+  those drawn so far, the LLM summarises its attributes (topic, intent, style), and the new
+  text is written from that summary. Needs `features`. Its distribution alignment is
+  `tools.diversity.mmd_weights`, applied by the caller as row weights.
+
+Labels: every chat-prompted method asks for texts with `settings.label` (1 by default: the
+experiment adds positives to a toxicity detector's training set) and carries it.
 Magpie texts are unlabelled (label None) unless a `labeler` (texts -> labels) is given. A
 labeler, when given, labels every method's texts, so the experiment can label all methods
 with one and the same rule.
@@ -31,13 +48,16 @@ Every method returns exactly `budget` samples: texts that are empty, exact dupli
 seed or of an earlier sample, or refusals ("sorry", "as an AI", ...) are rejected and
 requested again, at most `budget * max_requests_factor` requests in all; `BaselineError` if
 that is not enough, or when the LLM still fails transiently after the retries
-(`tools.generate.with_backoff`). At most `concurrency` requests are in flight. Provenance:
-feature -1 (no target feature), prompt_version "baseline-<method>.v3".
+(`tools.generate.with_backoff`). A method may reject a reply for a reason of its own
+(`RejectedReply`: no marker, a dense cluster, no summary ...), counted the same way. At most
+`concurrency` requests are in flight. Provenance: feature -1 (no target feature),
+prompt_version "baseline-<method>.<version>" (v3 for the first four methods, v1 for the
+paper's four: `version(method)`).
 
 Layout: `base` (names, settings, the error, the completion-client and strategy
 interfaces), `rouge` (ROUGE-L without rouge-score), `methods` (random, self-instruct,
-evol-instruct), `magpie` (pre-query templates, query cutting), `driver` (the request loop,
-`synthesize`).
+evol-instruct), `magpie` (pre-query templates, query cutting), `cot`, `sao`, `prismatic`,
+`synalign`, `driver` (the request loop, `synthesize`), `pairs` (pair-task versions).
 """
 
 from tools.baselines.base import (
@@ -45,12 +65,16 @@ from tools.baselines.base import (
     EVOL_DEPTH_OPS,
     EVOL_OPS,
     METHODS,
+    NEEDS_FEATURES,
     NO_FEATURE,
     AsyncCompleteClient,
     BaselineError,
     BaselineSettings,
+    Features,
     Labeler,
     Method,
+    RejectedReply,
+    version,
 )
 from tools.baselines.driver import asynthesize, synthesize
 from tools.baselines.magpie import cut_query, magpie_end_markers, magpie_prefix
@@ -61,12 +85,15 @@ __all__ = [
     "EVOL_DEPTH_OPS",
     "EVOL_OPS",
     "METHODS",
+    "NEEDS_FEATURES",
     "NO_FEATURE",
     "AsyncCompleteClient",
     "BaselineError",
     "BaselineSettings",
+    "Features",
     "Labeler",
     "Method",
+    "RejectedReply",
     "RougePool",
     "asynthesize",
     "cut_query",
@@ -75,4 +102,5 @@ __all__ = [
     "rouge_l",
     "rouge_tokens",
     "synthesize",
+    "version",
 ]

@@ -6,15 +6,22 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, Protocol, get_args
 
+import numpy as np
 from pydantic import Field
 
 from tools.errors import FacsynthError
 from tools.generate import SamplingSettings, clean
 
-Method = Literal["random", "self-instruct", "evol-instruct", "magpie"]
+Method = Literal["random", "self-instruct", "evol-instruct", "magpie",
+                 "cot-self-instruct", "sao", "prismatic", "synalign"]
 METHODS: tuple[str, ...] = get_args(Method)
+NEEDS_FEATURES = ("prismatic", "synalign")
+"""Methods that embed texts (`features=` of synthesize): the gradient space, the GP tracker."""
 NO_FEATURE = -1
 VERSION = "v3"
+"""Prompt version of the first four methods; the paper methods are at their own `VERSIONS`."""
+VERSIONS: dict[str, str] = {"cot-self-instruct": "v1", "sao": "v1", "prismatic": "v1",
+                            "synalign": "v1"}
 PROMPT_RANDOM = "baseline_random.v2"
 PROMPT_SELF_INSTRUCT = "baseline_self_instruct.v3"
 PROMPT_EVOL_DEPTH = "baseline_evol_depth.v3"
@@ -37,10 +44,27 @@ EVOL_LEAK_MARKERS = (
 DEFAULT_END_MARKERS = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>", "</s>"]
 
 Labeler = Callable[[list[str]], Sequence[int | None]]
+Features = Callable[[Sequence[str]], np.ndarray]
+"""texts -> [n, d] frozen features (as tools/tasks/base.py `Features`)."""
+
+
+def version(method: str) -> str:
+    """The prompt version in a method's provenance (`baseline-<method>.<version>`)."""
+    return VERSIONS.get(method, VERSION)
 
 
 class BaselineError(FacsynthError):
     """A baseline could not deliver its budget: bad input, or the LLM kept failing."""
+
+
+class RejectedReply(FacsynthError):
+    """Raised inside a request (its call or `extract`) when the reply is unusable for a reason
+    of the method's own (no marker, no ranking ...): the driver counts `reason` and requests
+    again, as for any rejected text."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class AsyncCompleteClient(Protocol):
@@ -72,6 +96,23 @@ class BaselineSettings(SamplingSettings):
         default_factory=lambda: list(DEFAULT_END_MARKERS),
         description="magpie: the query ends at the first of these")
     max_tokens: int = Field(256, ge=1, description="magpie: completion length limit")
+    # cot-self-instruct
+    cot_examples: int = Field(
+        2, ge=1, description="cot-self-instruct: seed texts per prompt (the paper shows 2)")
+    # prismatic
+    prismatic_clusters: int = Field(
+        8, ge=2, description="prismatic: k-means clusters of the gradient embeddings")
+    prismatic_dim: int = Field(
+        256, ge=8, description="prismatic: random projection size of the gradients")
+    prismatic_sparse: float = Field(
+        0.5, gt=0, lt=1, description="prismatic: a cluster is sparse while its row count is "
+        "at most this quantile of the clusters' counts")
+    prismatic_examples: int = Field(
+        3, ge=1, description="prismatic: rows of sparse clusters shown per prompt")
+    # synalign
+    synalign_noise: float = Field(
+        0.1, gt=0, description="synalign: the GP tracker's noise variance per draw (the "
+        "prior variance is 1); smaller: a drawn seed looks explored sooner")
 
 
 Call = Callable[[], Awaitable[str]]

@@ -14,18 +14,25 @@ from typing import Any, cast
 
 from tools.baselines.base import (
     METHODS,
+    NEEDS_FEATURES,
     NO_FEATURE,
     REFUSAL_MARKERS,
-    VERSION,
     AsyncCompleteClient,
     BaselineError,
     BaselineSettings,
+    Features,
     Labeler,
     Method,
+    RejectedReply,
     Strategy,
+    version,
 )
+from tools.baselines.cot import CoTSelfInstruct
 from tools.baselines.magpie import Magpie
 from tools.baselines.methods import Evol, Random, SelfInstruct
+from tools.baselines.prismatic import Prismatic
+from tools.baselines.sao import SAO
+from tools.baselines.synalign import SynAlign
 from tools.generate import AsyncChatClient, TransientLLMError, with_backoff
 from tools.verify import Provenance, Sample, normalise
 
@@ -82,14 +89,16 @@ async def _drive(
             in_flight += 1
             try:
                 reply = await with_backoff(call, settings.retries, settings.backoff_s, sleep)
+                text = strategy.extract(reply)
+                reason = judge(text, ctx)
             except TransientLLMError as e:
                 raise BaselineError(
                     f"{method}: the LLM still failed after {settings.retries} retries: {e}"
                 ) from e
+            except RejectedReply as e:  # the method's own verdict on this request
+                text, reason = "", e.reason
             finally:
                 in_flight -= 1
-            text = strategy.extract(reply)
-            reason = judge(text, ctx)
             if reason:
                 rejected[reason] += 1
                 strategy.rejected(ctx)
@@ -141,18 +150,24 @@ async def asynthesize(
     settings: BaselineSettings | None = None,
     labeler: Labeler | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    features: Features | None = None,
 ) -> list[Sample]:
     """Exactly `budget` samples by a baseline `method`, in acceptance order.
 
-    `seeds`: task texts (with the target label) that self-instruct and evol-instruct start
-    from; random and magpie only use them to reject copies. `client`: an AsyncChatClient,
-    or for magpie an AsyncCompleteClient. `labeler`: labels the texts (all methods; see the
-    module doc)."""
+    `seeds`: task texts (with the target label) that self-instruct, evol-instruct,
+    cot-self-instruct, prismatic and synalign start from; random, magpie and sao only use
+    them to reject copies. `client`: an AsyncChatClient, or for magpie an
+    AsyncCompleteClient. `labeler`: labels the texts (all methods; see the module doc).
+    `features`: texts -> [n, d] embeddings (e.g. tools/tasks/base.py `workspace_features`),
+    needed by prismatic and synalign (`NEEDS_FEATURES`)."""
     settings = settings or BaselineSettings()
     if method not in METHODS:
         raise BaselineError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
     if budget < 0:
         raise BaselineError(f"budget must be >= 0, got {budget}")
+    if method in NEEDS_FEATURES and features is None:
+        raise BaselineError(f"{method} embeds texts: pass features= (texts -> [n, d] array, "
+                            "e.g. tools.tasks.base.workspace_features(workspace))")
     if budget == 0:
         return []
     known = _seed_texts(seeds)
@@ -168,12 +183,20 @@ async def asynthesize(
         chat = cast(AsyncChatClient, client)
         if method == "random":
             strategy = Random(chat, settings)
+        elif method == "sao":
+            strategy = SAO(chat, settings, rng)
         elif not known:
             raise BaselineError(f"{method} needs at least one non-empty seed text")
         elif method == "self-instruct":
             strategy = SelfInstruct(chat, settings, known, rng)
-        else:
+        elif method == "evol-instruct":
             strategy = Evol(chat, settings, known, rng)
+        elif method == "cot-self-instruct":
+            strategy = CoTSelfInstruct(chat, settings, known, rng, settings.label)
+        elif method == "prismatic":
+            strategy = Prismatic(chat, settings, known, rng, cast(Features, features))
+        else:
+            strategy = SynAlign(chat, settings, known, rng, cast(Features, features))
 
     got = await _drive(method, strategy, known=known, budget=budget, settings=settings,
                        sleep=sleep)
@@ -188,7 +211,8 @@ async def asynthesize(
     return [
         Sample(text=text, label=label, provenance=Provenance(
             feature=NO_FEATURE, round=settings.round, generator=client.name,
-            prompt_version=f"baseline-{method}.{VERSION}", temperature=settings.temperature,
+            prompt_version=f"baseline-{method}.{version(method)}",
+            temperature=settings.temperature,
             seed=seed,
         ))
         for (text, seed), label in zip(got, labels, strict=True)
@@ -203,7 +227,8 @@ def synthesize(
     client: AsyncChatClient | AsyncCompleteClient,
     settings: BaselineSettings | None = None,
     labeler: Labeler | None = None,
+    features: Features | None = None,
 ) -> list[Sample]:
     """Blocking `asynthesize` (not from inside a running event loop)."""
     return asyncio.run(asynthesize(method, seeds=seeds, budget=budget, client=client,
-                                   settings=settings, labeler=labeler))
+                                   settings=settings, labeler=labeler, features=features))

@@ -7,12 +7,16 @@ baselines (driver `_drive`).
   fac's requests.
 - `self-instruct`: a few seed rows (and accepted generated ones, as for texts), then
   "write example N+1"; ROUGE-L against the pool rejects near copies.
-Every request goes through the task's `writer` (the reward task writes the message, then
-each reply, in separate requests), like fac's.
+- `cot-self-instruct`: the text method's chain-of-thought prompt over a few seed rows'
+  messages gives the new message (tools/baselines/cot.py).
+- `sao`: a persona's message, two replies sampled alike and the model's own ranking of them
+  (tools/baselines/sao.py); preference pairs (the reward task) only.
+Every request of the first three goes through the task's `writer` (the reward task writes
+the message, then each reply, in separate requests), like fac's; sao writes its own pairs.
 
-Evol-instruct and magpie rewrite or invent single user messages, so they have no pair
-version. A pair's replies may decline (a preferred reply often does), so refusal words do
-not reject a pair; an unparseable reply does.
+Evol-instruct, magpie, prismatic and synalign rewrite, invent or target single user
+messages, so they have no pair version. A pair's replies may decline (a preferred reply
+often does), so refusal words do not reject a pair; an unparseable reply does.
 """
 
 from __future__ import annotations
@@ -23,19 +27,23 @@ from typing import Any
 
 from prompts import render
 from tools.baselines.base import (
+    METHODS,
     NO_FEATURE,
-    VERSION,
     BaselineError,
     BaselineSettings,
     Call,
     Strategy,
+    version,
 )
+from tools.baselines.cot import CoTSelfInstruct, MarkerCut
 from tools.baselines.driver import _drive
 from tools.baselines.methods import SelfInstruct
+from tools.baselines.sao import SAOPairs
 from tools.generate import AsyncChatClient
 from tools.verify import Provenance, Sample
 
 PROMPT_SELF_INSTRUCT = "baseline_pairs_self_instruct.v1"
+PAIR_METHODS = ("random", "self-instruct", "cot-self-instruct", "sao")
 OPEN_THEME = "any topic that examples like this one cover"
 
 
@@ -76,6 +84,17 @@ class PairSelfInstruct(_Parsed, SelfInstruct):
         return render(PROMPT_SELF_INSTRUCT, examples=examples)
 
 
+class PairCoT(_Parsed, CoTSelfInstruct):
+    """CoT-Self-Instruct's prompt (no label) for the message; the client is the task's
+    writer over `MarkerCut`, so the writer sees only the text after the marker."""
+
+    def __init__(self, client: AsyncChatClient, s: BaselineSettings, task: Any,
+                 seeds: list[str], rng: random.Random) -> None:
+        _Parsed.__init__(self, task)
+        CoTSelfInstruct.__init__(self, client, s, seeds, rng, None)
+        self.system = task.system
+
+
 def synthesize_pairs(method: str, task: Any, *, data: Any, budget: int,
                      client: AsyncChatClient, settings: BaselineSettings) -> list[Sample]:
     """Up to `budget` pair samples (text: the pair's probe text, fields: the pair) by
@@ -83,14 +102,24 @@ def synthesize_pairs(method: str, task: Any, *, data: Any, budget: int,
     fewer, with a warning, when the generator rarely writes the layout within the request
     limit."""
     seeds = task.examples(data)
-    if method not in ("random", "self-instruct"):
-        raise BaselineError(f"{method}: no pair version; pair tasks compare random and "
-                            "self-instruct")
-    if not seeds:
-        raise BaselineError(f"{method} needs at least one seed pair")
+    if method not in PAIR_METHODS:
+        if method in METHODS:
+            raise BaselineError(f"{method} writes single texts, not pairs; pair tasks compare "
+                                f"{', '.join(PAIR_METHODS)}")
+        raise BaselineError(f"unknown pair baseline {method!r}; choose one of "
+                            f"{', '.join(PAIR_METHODS)}")
     rng = random.Random(settings.seed)
-    make = PairRandom if method == "random" else PairSelfInstruct
-    strategy = make(task.writer(client, data), settings, task, list(seeds), rng)
+    strategy: Strategy
+    if method == "sao":  # fully self-synthetic: the seeds only reject copies
+        strategy = SAOPairs(client, settings, task, rng)
+    elif not seeds:
+        raise BaselineError(f"{method} needs at least one seed pair")
+    elif method == "cot-self-instruct":
+        strategy = PairCoT(task.writer(MarkerCut(client), data), settings, task, list(seeds),
+                           rng)
+    else:
+        make = PairRandom if method == "random" else PairSelfInstruct
+        strategy = make(task.writer(client, data), settings, task, list(seeds), rng)
     got = asyncio.run(_drive(method, strategy, known=seeds,
                              budget=budget, settings=settings, sleep=asyncio.sleep,
                              allow_short=True))
@@ -99,6 +128,6 @@ def synthesize_pairs(method: str, task: Any, *, data: Any, budget: int,
         probe, fields = task.read_reply(text)
         out.append(Sample(text=probe, label=1, fields=fields, provenance=Provenance(
             feature=NO_FEATURE, round=settings.round, generator=client.name,
-            prompt_version=f"baseline-pairs-{method}.{VERSION}",
+            prompt_version=f"baseline-pairs-{method}.{version(method)}",
             temperature=settings.temperature, seed=seed)))
     return out
