@@ -286,7 +286,7 @@ def make_judge(settings: JudgeSettings) -> RelevanceJudge:
 def coverage(
     anchor_active: sp.csr_matrix,
     anchor_labels: Sequence[int] | None,
-    data_active: sp.csr_matrix,
+    data_active: sp.csr_matrix | tuple[int, np.ndarray],
     *,
     anchor_max: sp.csr_matrix,
     rule: ActivityRule,
@@ -304,11 +304,14 @@ def coverage(
     graded = graded or GradedRule()
     task = make_judge(judge)(anchor_active, anchor_labels)
     anchor_rows = active_rows(anchor_active)
-    data_rows = active_rows(data_active)
+    if isinstance(data_active, tuple):  # (rows, active rows per feature): shards.ActiveCounts
+        n_data, data_rows = data_active
+    else:
+        n_data, data_rows = data_active.shape[0], active_rows(data_active)
     in_anchor, in_data = anchor_rows > 0, data_rows > 0
     n_task = int(task.sum())
     covered = task & in_data
-    n_anchor, n_data = anchor_active.shape[0], data_active.shape[0]
+    n_anchor = anchor_active.shape[0]
     task_ids = np.flatnonzero(task)
     needed = np.zeros_like(anchor_rows)
     needed[task_ids] = graded.needed(anchor_rows[task_ids], n_anchor, n_data)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -28,6 +31,73 @@ from agent.cli.common import (
     writable,
 )
 from agent.runs import build_settings as settings_from
+from tools.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tools.ray_probe import ProbeRun
+    from tools.settings import Settings
+
+
+class Engine(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
+EngineOpt = Annotated[Engine, typer.Option(
+    help="local: probe in this process through the activation cache; ray: Ray Data actors "
+    "probe the data into Parquet shards (pools of 10^5+ rows; see --shards, --ray-address)")]
+ShardsOpt = Annotated[Path | None, typer.Option(
+    "--shards", help="--engine ray: the shard folder (default FACSYNTH_HOME/shards/"
+    "<model+SAE+settings>/<hash of the data's location>); a rerun probes only new texts")]
+RayAddressOpt = Annotated[str | None, typer.Option(
+    "--ray-address", help="--engine ray: the Ray cluster to use (default: RAY_ADDRESS, else "
+    "a single-node cluster on this machine, stopped afterwards)")]
+ConcurrencyOpt = Annotated[int | None, typer.Option(
+    min=1, help="--engine ray: probe actors (default: one per GPU, else one per 4 CPUs)")]
+BatchSizeOpt = Annotated[int | None, typer.Option(
+    min=1, help="--engine ray: texts per actor call (default 64)")]
+
+
+@contextmanager
+def _ray_progress() -> Iterator[tuple[Callable[[int], None], Callable[[int], None]]]:
+    """(advance, set_total) of a progress bar whose total comes after the first pass."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    bar = Progress(TextColumn("[bold]probing (ray)"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
+    with bar:
+        task = bar.add_task("probing", total=None)
+        yield (lambda n: bar.advance(task, n)), (lambda n: bar.update(task, total=n))
+
+
+def _ray_run(data: str, settings: Settings, text_field: str, shards: Path | None,
+             ray_address: str | None, concurrency: int | None,
+             batch_size: int | None) -> ProbeRun:
+    """Probe DATA's new texts into shards with the ray engine; log rows/s to stderr."""
+    from tools.ray_probe import ray_probe
+
+    with _ray_progress() as (advance, set_total):
+        run = ray_probe(data, settings=settings, out_dir=shards, text_field=text_field,
+                        concurrency=concurrency, batch_size=batch_size or 64,
+                        address=ray_address, progress=advance, on_total=set_total)
+    rate = f"{run.probed / run.seconds:.1f} rows/s" if run.probed and run.seconds else "none new"
+    err.print(f"ray: {run.probed} texts probed in {run.seconds:.1f}s ({rate}); "
+              f"{len(run.keys)} rows in the data; shards in {run.shards.root}")
+    return run
+
+
+def _ray_only(engine: Engine, **given: object) -> None:
+    """Refuse ray-engine flags on the local engine (they would be ignored)."""
+    if engine is Engine.local:
+        for flag, value in given.items():
+            if value is not None:
+                raise ConfigError(f"--{flag.replace('_', '-')} needs --engine ray")
 
 
 @app.command()
@@ -35,7 +105,8 @@ def coverage(
     anchor: Annotated[
         Path, typer.Option(help="labelled rows representing the task: JSONL/CSV/Parquet or hub id")
     ],
-    data: Annotated[Path, typer.Option(help="the dataset to measure: file or hub id")],
+    data: Annotated[str, typer.Option(
+        help="the dataset to measure: file or hub id (--engine ray: a file, folder or URI)")],
     task: TaskOpt = "toxicity",
     field: FieldsOpt = None,
     text_field: TextField = "text",
@@ -69,17 +140,28 @@ def coverage(
     ] = None,
     top: Annotated[int, typer.Option(min=1, help="missing and deficit features to show")] = 10,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+    engine: EngineOpt = Engine.local,
+    shards: ShardsOpt = None,
+    ray_address: RayAddressOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    batch_size: BatchSizeOpt = None,
 ) -> None:
     """Measure FAC of DATA against the task features of ANCHOR and list what is missing;
     graded FAC beside it counts a feature only when enough rows activate it. For a pair task
     (--task reward|steering) the probe reads each pair's two sides, and task features are
-    those of the preferred (matching) side against the other."""
+    those of the preferred (matching) side against the other. --engine ray probes DATA on
+    Ray into shards and streams its side of coverage over them (the anchor stays local)."""
     from tools.data import load_texts
     from tools.tasks import probe_dataset
     from tools.workspace import Workspace
 
     with one_line_errors():
         writable(json_out, "--json")
+        _ray_only(engine, shards=shards, ray_address=ray_address, concurrency=concurrency,
+                  batch_size=batch_size)
+        if engine is Engine.ray and task != "toxicity":
+            raise ConfigError(f"--engine ray reads one text column: it measures toxicity data; "
+                              f"measure --task {task} with --engine local")
         if delta is not None and threshold is None:
             threshold = "absolute"  # a delta given on the command line means one delta
         judge: dict[str, Any] = {"min_support": min_support, "min_log_odds": min_log_odds}
@@ -90,7 +172,17 @@ def coverage(
                              quantile=quantile, pooling=pooling, min_tokens=min_tokens,
                              judge={k: v for k, v in judge.items() if v is not None} or None,
                              graded={k: v for k, v in graded.items() if v is not None} or None)
-        if task == "toxicity":
+        if engine is Engine.ray:
+            if settings.pooling != "max":
+                raise ConfigError("--pooling count needs per-token counts, which ray shards do "
+                                  "not keep: use --pooling max with --engine ray")
+            a = load_texts(anchor, text_field=text_field, label_field=label_field,
+                           require_labels=True)
+            ws = Workspace(settings)
+            run = _ray_run(data, settings, text_field, shards, ray_address, concurrency,
+                           batch_size)
+            report = _ray_coverage(ws, a, run)
+        elif task == "toxicity":
             a = load_texts(anchor, text_field=text_field, label_field=label_field,
                            require_labels=True)
             d = load_texts(data, text_field=text_field, label_field=label_field)
@@ -98,13 +190,33 @@ def coverage(
             fields = key_values(field, "--field") or None
             a = probe_dataset(task, anchor, fields=fields, require_labels=True)
             d = probe_dataset(task, data, fields=fields)
-        ws = Workspace(settings)
-        with progress_bar(len(a) + len(d), "probing") as advance:
-            report = ws.coverage(a, d, advance)
+        if engine is Engine.local:
+            ws = Workspace(settings)
+            with progress_bar(len(a) + len(d), "probing") as advance:
+                report = ws.coverage(a, d, advance)
     _print_coverage(report, top)
     if json_out:
         save(json_out, report.model_dump_json(indent=2))
         err.print(f"report written to {json_out}")
+
+
+def _ray_coverage(ws: Any, anchor: Any, run: ProbeRun) -> Any:
+    """Coverage of the shards' rows (the data) against the locally probed anchor, with the
+    anchor's top spans of each missing and deficit feature (as Workspace.measure)."""
+    from tools.coverage import attach_spans
+    from tools.probe import top_spans
+    from tools.shards import measure_shards
+
+    s = ws.settings
+    with progress_bar(len(anchor), "probing the anchor") as advance:
+        anchor_acts = ws.probe(anchor, advance)
+    result = measure_shards(anchor_acts, anchor.labels, run.shards, s.activity_rule(),
+                            s.judge, s.graded, keys=run.keys)
+    report = result.report
+    wanted = dict.fromkeys(m.feature for m in [*report.missing, *report.deficits])
+    spans = top_spans(anchor_acts, anchor.texts, ws.model.tokenizer, s.probe_settings(),
+                      list(wanted), s.top_spans, s.span_window)
+    return attach_spans(report, spans)
 
 
 def _print_coverage(report: Any, top: int) -> None:
@@ -161,23 +273,40 @@ def _print_deficits(deficits: list[Any], top: int) -> None:
 
 @app.command()
 def probe(
-    data: Annotated[Path, typer.Argument(help="dataset file (JSONL/CSV/Parquet) or hub id")],
+    data: Annotated[str, typer.Argument(
+        help="dataset file (JSONL/CSV/Parquet) or hub id (--engine ray: a file, folder or URI)")],
     text_field: TextField = "text",
     model: ModelOpt = None,
     sae: SaeOpt = None,
     delta: Annotated[float | None, typer.Option(help="report features with max > delta")] = None,
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="write per-text active features here")
+        Path | None, typer.Option("--json", help="write per-text active features here "
+                                  "(--engine local)")
     ] = None,
+    engine: EngineOpt = Engine.local,
+    shards: ShardsOpt = None,
+    ray_address: RayAddressOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    batch_size: BatchSizeOpt = None,
 ) -> None:
-    """Probe a dataset's SAE features (filling the activation cache) and summarise them."""
+    """Probe a dataset's SAE features (filling the activation cache, or with --engine ray
+    the shards) and summarise them."""
     from tools.coverage import active_features
     from tools.data import load_texts
     from tools.workspace import Workspace
 
     with one_line_errors():
         writable(json_out, "--json")
+        _ray_only(engine, shards=shards, ray_address=ray_address, concurrency=concurrency,
+                  batch_size=batch_size)
         settings = settings_from(model=model, sae=sae, delta=delta)
+        if engine is Engine.ray:
+            if json_out:
+                raise ConfigError("--json lists every row, too much for a ray-sized pool: read "
+                                  "the shards with tools.shards.ShardSet instead")
+            _probe_summary_ray(_ray_run(data, settings, text_field, shards, ray_address,
+                                        concurrency, batch_size), settings.delta)
+            return
         d = load_texts(str(data), text_field=text_field, label_field=None)
         ws = Workspace(settings)
         _ = ws.sae
@@ -201,6 +330,21 @@ def probe(
                          "max": [round(float(v), 4) for v in row.data[keep]]})
         save(json_out, json.dumps({"delta": settings.delta, "rows": rows}))
         err.print(f"written to {json_out}")
+
+
+def _probe_summary_ray(run: ProbeRun, delta: float) -> None:
+    """The local probe's summary line, streamed over the shards."""
+    import numpy as np
+
+    from tools.coverage import ActivityRule
+    from tools.shards import active_row_counts
+
+    d_sae = run.shards.manifest.d_sae
+    counts = active_row_counts(run.shards, np.full(d_sae, delta, dtype=np.float32),
+                               ActivityRule(threshold="absolute", delta=delta), keys=run.keys)
+    out.print(f"{len(run.keys)} texts; {int((counts.rows > 0).sum())} of {d_sae} features "
+              f"active (delta = {delta:g}); {counts.rows.sum() / max(counts.n_rows, 1):.1f} "
+              "active per text")
 
 
 @app.command("train-sae")
