@@ -24,10 +24,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# the main job: two self-improvement rounds on the demo data, then the report
+# the main job: two rounds on the demo data that pick the demo pool's rows worth labelling
+# (their labels come from the pool file's label column, standing in for a person) and then
+# synthesise only for the task features no pool row fills; then the report
 demo: setup
 	rm -rf runs/demo
 	$(BIN)/facsynth improve --anchor examples/anchor.jsonl --data examples/seed.jsonl \
+		--pool examples/pool.jsonl --labeler file --source both --batch 10 \
 		--run-dir runs/demo --rounds 2 --top 4 --per-feature 3 --patience 2
 	$(BIN)/facsynth report runs/demo
 

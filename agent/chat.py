@@ -53,7 +53,7 @@ from tools.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PROMPT = "chat_system.v3"
+PROMPT = "chat_system.v4"
 SESSIONS = "chat.sqlite"
 RECURSION_LIMIT = 60
 TOOL_CALL_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
@@ -123,7 +123,9 @@ def _run(spec: ToolSpec, box: Toolbox, args: dict[str, Any], hooks: Hooks,
             if not approved(answer):
                 return Cancelled(message=asked.declined)
         return spec.run(box, args, hooks.report)
-    except (FacsynthError, GraphBubbleUp):  # HANDLED by the ToolNode; an interrupt
+    except FacsynthError as e:  # HANDLED by the ToolNode: its text, paths root-relative
+        raise type(e)(box.sandbox.scrub(str(e))) from e
+    except GraphBubbleUp:  # an interrupt
         raise
     except Exception as e:
         log.exception("internal error in the %s tool", spec.name)
@@ -279,9 +281,9 @@ def open_chat_model(settings: Settings, root: Path) -> Iterator[tuple[Any, Any |
 
     endpoint: ChatOpenAI on `llm_base_url` (the toolbox opens its own client when needed);
     vllm: a managed vLLM server with tool calling on, shared by the chat and the toolbox."""
-    from agent.llm import choose_backend, endpoint_client, make_chat_model, start_vllm
+    from agent.llm import endpoint_client, make_chat_model, start_vllm
 
-    backend = choose_backend(settings)
+    backend = chat_backend(settings)
     chat_settings = settings.model_copy(
         update={"max_new_tokens": max(settings.max_new_tokens, CHAT_TOKENS)})
     if backend == "endpoint":
@@ -295,13 +297,22 @@ def open_chat_model(settings: Settings, root: Path) -> Iterator[tuple[Any, Any |
             client = endpoint_client(settings.model_copy(update=served),
                                      f"vllm:{server.model_name}", structured="vllm")
             yield make_chat_model(chat_settings.model_copy(update=served)), client
-    else:
+
+
+def chat_backend(settings: Settings) -> str:
+    """The backend the chat model runs on (endpoint or vllm); a ConfigError, before
+    anything is started or written, when none can call tools."""
+    from agent.llm import choose_backend
+
+    backend = choose_backend(settings)
+    if backend not in ("endpoint", "vllm"):
         raise ConfigError(
             "facsynth chat needs a chat model that calls tools: an OpenAI-compatible endpoint "
             "(FACSYNTH_LLM_BASE_URL + FACSYNTH_LLM_MODEL, e.g. vLLM with "
             "--enable-auto-tool-choice) or the managed vLLM server (--generator vllm); the "
             "in-process `local` backend cannot call tools"
         )
+    return backend
 
 
 TOOL_TEMPLATE = PROMPT_DIR / "chat_tools.v1.j2"

@@ -20,6 +20,7 @@ from agent.chat import (
     Event,
     Hooks,
     build_graph,
+    chat_backend,
     make_tools,
     open_chat_model,
     sessions,
@@ -148,15 +149,18 @@ def main(
 ) -> None:
     """`facsynth chat`: start the chat model (and, for vllm, its server), then talk about
     datasets of `task` (tools/tasks)."""
-    from agent.llm import choose_backend
-
+    backend = chat_backend(settings)  # refused before anything is written
     box = Toolbox(settings, root)
+    store = box.sandbox.state_path(SESSIONS)
+    if session_id is not None and not store.exists():
+        raise ConfigError(f"no chat session {session_id!r} in {store} (no session was saved "
+                          "in this root yet)")
     checkpoints = sessions(box.root)
     if session_id is not None:
         if checkpoints.get_tuple({"configurable": {"thread_id": session_id}}) is None:
             raise ConfigError(f"no chat session {session_id!r} in "
                               f"{box.root / STATE_DIR / SESSIONS}")
-    if choose_backend(settings) == "vllm":
+    if backend == "vllm":
         err.print("starting the managed vLLM server with tool calling (a few minutes on CPU)")
     with box, open_chat_model(settings, box.root) as (model, client):
         if client is not None:

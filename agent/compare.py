@@ -35,214 +35,53 @@ rows.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import math
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from tools.data import TextDataset, write_text_atomic
-from tools.detector import DetectorSettings
-from tools.errors import ConfigError
-from tools.paired import PairedDiff, paired_diff
-from tools.rundir import LoopSettings, RunConfig, RunPaths, read_samples
+from agent.compare_results import (
+    CompareResult,
+    LoopStats,
+    MethodResult,
+    Row,
+    loop_stats,
+    row_path,
+    spearman,
+    summarize,
+)
+from agent.compare_settings import (
+    BASELINES,
+    DEFAULT_METHODS,
+    FIXED,
+    PAIR_BASELINES,
+    PAIR_METHODS,
+    PICKS,
+    POOL_METHODS,
+    CompareSettings,
+    Progress,
+    external_knowledge,
+    work_key,
+)
+from tools.data import TextDataset, both_labels, write_text_atomic
+from tools.errors import ConfigError, UsageError
+from tools.rundir import RunConfig, RunPaths, read_samples
 from tools.settings import Settings
 from tools.tasks import ToxicityTask, workspace_features
 from tools.tasks.pairs import KEYS
-from tools.verify import Sample, gate_pass_rate
+from tools.verify import Sample
 from tools.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("random", "self-instruct", "evol-instruct", "magpie")
-PAIR_BASELINES = ("random", "self-instruct")
-TEXT_ONLY = ("evol-instruct", "magpie")
-"""Baselines that write single texts only (pair tasks compare the others)."""
-FIXED = ("seed", "full", "fac", *BASELINES)
-DEFAULT_METHODS = ("seed", "full", "fac", *BASELINES)
-PAIR_METHODS = ("seed", "full", "fac", *PAIR_BASELINES)
-Protocol = Literal["seed", "anchor"]
-Progress = Callable[[str], None]
-
-
-class CompareSettings(BaseModel):
-    """What `facsynth compare` runs (flags map one to one)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    task: str = Field("toxicity", description="what the rows are and what is trained on "
-                      "them (tools/tasks: toxicity, reward, steering)")
-    task_options: dict[str, Any] = Field(default_factory=dict,
-                                         description="the task's own options")
-    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
-    variants: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="name -> LoopSettings fields: fac with other "
-        "settings, e.g. {'fac-nogate': {'label_gate': {'judge': 'off'}}}")
-    labels: Protocol = "seed"
-    budget: int = Field(100, ge=1, description="kept rows every synthetic method adds")
-    request_factor: float = Field(
-        3.0, ge=1, description="fac and the baselines stop after budget * this many requests")
-    seeds: int = Field(5, ge=1)
-    seed_frac: float = Field(0.1, gt=0, lt=1, description="share of the pool in a seed set")
-    eval_frac: float = Field(0.25, gt=0, lt=1, description="held out when no eval file")
-    rounds: int = Field(2, ge=1, description="fac: improve rounds")
-    relevance: Literal["label", "llm", "auto"] = Field(
-        "label", description="fac: which features are task-relevant (label: the task labels "
-        "of the protocol; llm/auto: also the LLM's verdict)")
-    top: int = Field(50, ge=1, description="fac: features targeted per round")
-    loop: dict[str, Any] = Field(
-        default_factory=dict, description="LoopSettings fields for fac and every variant")
-    synthetic_share: float | None = Field(
-        None, ge=0, lt=1, description="every method's added rows get this share of each "
-        "class's weight in the detector (None: the same weight as real rows)")
-    detector: DetectorSettings = Field(default_factory=DetectorSettings)
-
-    def check(self) -> None:
-        from tools.tasks import get_task
-
-        get_task(self.task, **self.task_options)  # an unknown task or option fails now
-        if self.task != "toxicity":
-            text_only = [m for m in self.methods if m in TEXT_ONLY]
-            if text_only:
-                raise ConfigError(f"{', '.join(text_only)}: a text baseline; the {self.task} "
-                                  f"task compares {', '.join(PAIR_BASELINES)} (they write "
-                                  "whole pairs)")
-        known = set(FIXED) | set(self.variants)
-        unknown = [m for m in self.methods if m not in known]
-        if unknown:
-            raise ConfigError(f"unknown methods {', '.join(unknown)}: choose from "
-                              f"{', '.join(FIXED)} or a --variant name")
-        clash = set(self.variants) & set(FIXED)
-        if clash:
-            raise ConfigError(f"variant names {', '.join(sorted(clash))} clash with methods")
-        for name in self.variants:
-            self.loop_for(name, 0)  # validates every variant's settings now
-
-    @property
-    def reference(self) -> str:
-        return "seed" if self.labels == "seed" else "full"
-
-    def synthetic(self) -> list[str]:
-        return [m for m in self.methods if m not in ("seed", "full")]
-
-    def loop_for(self, method: str, seed: int) -> LoopSettings:
-        requests = math.ceil(self.budget * self.request_factor)
-        base = {"max_rounds": self.rounds, "budget": requests,
-                "per_round": math.ceil(requests / self.rounds), "top": self.top,
-                "epsilon": 0.0, "patience": self.rounds + 1, "seed": seed,
-                **self.loop, **self.variants.get(method, {})}
-        from agent.runs import validated
-
-        return validated(LoopSettings, f"compare loop settings of {method}", **base)
-
-
-class LoopStats(BaseModel):
-    """What a fac run did before the cut to equal budgets, summed over seeds."""
-
-    requests: int
-    hits: int = Field(description="samples whose target feature fired")
-    kept: int
-    disputed: int = Field(description="hits the label gate dropped")
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
-
-    @property
-    def gate_pass_rate(self) -> float:
-        return gate_pass_rate(self.kept, self.disputed)
-
-
-def loop_stats(folder: Path, method: str, seeds: int) -> LoopStats | None:
-    """Requests, hits, kept and disputed of a fac method's runs (None: not a fac run)."""
-    from tools.rundir import History
-
-    total = LoopStats(requests=0, hits=0, kept=0, disputed=0)
-    found = False
-    for s in range(seeds):
-        run = folder / f"s{s}" / method
-        if not RunPaths(run).history.exists():
-            continue
-        found = True
-        for r in History.load(run).rounds[1:]:
-            total.requests += r.generated
-            total.kept += r.kept
-            total.disputed += r.disputed
-            total.hits += sum(h.activated for h in r.per_feature.values())
-    return total if found else None
-
-
-class MethodResult(BaseModel):
-    n_train: float
-    n_added: float
-    loop: LoopStats | None = Field(None, description="fac methods: requests, hits, gate")
-    fac: float
-    fac_graded: float
-    metric_mean: float = Field(description="the task's headline metric (CompareResult.metric)")
-    metric_std: float
-    per_seed_metric: list[float]
-    means: dict[str, float] = Field(default_factory=dict,
-                                    description="every metric the task measured, averaged")
-    label_agreement: float | None = Field(
-        None, description="added rows whose label a detector trained on all real pool rows "
-        "agrees with (diagnostic)")
-    positive_agreement: float | None = Field(None, description="the same, label-1 rows only")
-    paired: PairedDiff | None = Field(None, description="the metric minus the reference's, "
-                                      "paired by seed")
-    also: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="per extra eval file: metric mean and paired diff")
-
-
-class CompareResult(BaseModel):
-    task: str = "toxicity"
-    metric: str = Field("auprc", description="the headline metric every method is scored by")
-    protocol: Protocol
-    reference: str
-    rule: str = Field(description="how kept budgets were equalised")
-    external: list[str] = Field(description="knowledge beyond the protocol's labels")
-    settings: CompareSettings
-    n_pool: int
-    n_eval: int
-    kept: list[int] = Field(description="rows every synthetic method added, per seed")
-    methods: dict[str, MethodResult]
-    spearman_fac_metric: float
-    spearman_graded_metric: float
-    seconds: float = 0.0
-
-
-class Row(BaseModel):
-    """One (seed, method) measurement; cached in the work folder."""
-
-    method: str
-    seed: int
-    n_train: int
-    n_added: int
-    fac: float
-    fac_graded: float
-    metrics: dict[str, float] = Field(description="the task's metrics on the eval rows")
-    also: dict[str, dict[str, float]] = Field(default_factory=dict)
-    agreement: float | None = None
-    positive_agreement: float | None = None
-
-
-def work_key(settings: CompareSettings, *parts: Any) -> str:
-    """Content hash of everything that shapes generated sets (settings and input texts);
-    the seed count, the method list, the variants and the scoring-only `synthetic_share`
-    are left out: seed s and method m are
-    the same whatever else runs, so adding seeds, methods or variants reuses what is done
-    (a variant whose settings changed under the same name is refused: `Comparison.generate`)."""
-    left_out = {"seeds", "methods", "variants", "synthetic_share"}
-    if settings.task == "toxicity" and not settings.task_options:
-        left_out |= {"task", "task_options"}  # as before tasks: their caches stay valid
-    shape = settings.model_dump(mode="json", exclude=left_out)
-    blob = json.dumps([shape, *parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+__all__ = [
+    "BASELINES", "DEFAULT_METHODS", "FIXED", "PAIR_BASELINES", "PAIR_METHODS", "PICKS",
+    "POOL_METHODS", "CompareResult", "CompareSettings", "Comparison", "LoopStats",
+    "MethodResult", "Row", "run_compare", "split_pool", "work_key",
+]
 
 
 def split_pool(task: Any, anchor: Any, eval_set: Any | None,
@@ -275,6 +114,31 @@ class LazyOpen:
         return getattr(self._client, name)
 
 
+class CountedLLM:
+    """The LLM client, counting the requests a method makes (its cost per kept row)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if name not in ("chat", "achat", "complete", "acomplete", "complete_batch"):
+            return attr
+        counted = self
+
+        if name.startswith("a"):
+            async def acall(*args: Any, **kwargs: Any) -> Any:
+                counted.calls += 1
+                return await attr(*args, **kwargs)
+            return acall
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            counted.calls += len(args[0]) if name == "complete_batch" else 1
+            return attr(*args, **kwargs)
+        return call
+
+
 class Comparison:
     """One compare run: shared model, SAE, activation cache and LLM across seeds; the task
     (tools/tasks) says what a row is, how its model trains and what it scores."""
@@ -282,20 +146,42 @@ class Comparison:
     def __init__(self, ws: Workspace, llm: Any, task: Any, pool: Any, ev: Any,
                  settings: CompareSettings, work: Path,
                  also: dict[str, Any] | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None,
+                 external_pool: TextDataset | None = None) -> None:
+        from agent.compare_pool import PoolPicker
+
         self.ws, self.llm, self.pool, self.ev, self.s = ws, llm, pool, ev, settings
         self.task = task.bind(ws)
-        self.features = workspace_features(ws)
+        self.features = remembered(workspace_features(ws))
         self.work, self.also = work, also or {}
         self.progress = progress or (lambda what: None)
+        self.picker = PoolPicker(self, external_pool)
 
     # -- the task's model -----------------------------------------------------------------
-    def fit(self, data: Any, seed: int, n_real: int | None = None) -> Any:
+    def fit(self, data: Any, seed: int, n_real: int | None = None,
+            row_scale: np.ndarray | None = None) -> Any:
         extra: dict[str, Any] = {}
         if n_real is not None and n_real < len(data) and self.s.synthetic_share is not None:
             mask = np.arange(len(data)) >= n_real
             extra = {"synthetic": mask, "synthetic_share": self.s.synthetic_share}
+        if row_scale is not None:  # SynAlign's re-weighting (text rows only)
+            extra["row_scale"] = row_scale
         return self.task.fit(data, self.features, seed=seed, **extra)
+
+    def alignment(self, data: Any, n_real: int) -> np.ndarray:
+        """SynAlign's MMD weights of the synthetic rows of `data` (after `n_real`) towards
+        the real rows of the same label, 1 for real rows (tools/diversity.mmd_weights)."""
+        from tools.diversity import mmd_weights
+
+        scale = np.ones(len(data))
+        labels = np.asarray(data.labels)
+        for label in (0, 1):
+            synth = [i for i in range(n_real, len(data)) if labels[i] == label]
+            real = [i for i in range(n_real) if labels[i] == label]
+            if synth and len(real) >= 2:
+                scale[synth] = mmd_weights(self.features([data.texts[i] for i in synth]),
+                                           self.features([data.texts[i] for i in real]))
+        return scale
 
     # -- one seed -------------------------------------------------------------------------
     def run_seed(self, s: int) -> list[Row]:
@@ -313,7 +199,7 @@ class Comparison:
                 models[name] = self.fit(seed_set if name == "seed" else full, s)
             return models[name]
 
-        if self.s.labels == "seed":
+        if self.s.labels in ("seed", "pool"):  # the pool protocol's synthesis: as seed
             task_rows = self.task.pseudo_label(model("seed"), pool, self.features, seed_idx)
             shown = seed_set
         else:
@@ -329,12 +215,16 @@ class Comparison:
                  for m, v in added.items()}
         rows = []
         for method in self.s.methods:
-            cache = row_path(self.work / f"s{s}" / "rows", method, kept,
-                             self.s.synthetic_share)
+            cache = row_path(self.work / f"s{s}" / "rows", self.picker.key(method)
+                             if self.s.is_pick(method) else method, kept, self.s.synthetic_share)
             if cache.exists():
                 rows.append(Row.model_validate_json(cache.read_text()))
                 continue
             self.progress(f"seed {s}: scoring {method}")
+            if self.s.is_pick(method):
+                rows.append(self.picker.row(method, s, seed_set, rest, kept))
+                write_text_atomic(cache, rows[-1].model_dump_json())
+                continue
             extra = [] if method == "full" else added.get(method, [])
             same = next((r for r in rows if r.method == "seed"), None)
             if method not in ("seed", "full") and not extra and same is not None:
@@ -350,7 +240,8 @@ class Comparison:
 
     def measure(self, method: str, s: int, data: Any, extra: list[Sample], n_real: int,
                 oracle: Callable[[], Any]) -> Row:
-        model = self.fit(data, s, n_real=n_real)
+        scale = self.alignment(data, n_real) if method == "synalign" and extra else None
+        model = self.fit(data, s, n_real=n_real, row_scale=scale)
         metrics = self.task.metric(model, self.ev, self.features)
         also = {name: self.task.metric(model, d, self.features) for name, d in self.also.items()}
         texts = self.task.probe_texts(data).texts
@@ -366,7 +257,24 @@ class Comparison:
                 positive = float(np.mean(judged[claimed == 1]))
         return Row(method=method, seed=s, n_train=len(data), n_added=len(extra),
                    fac=report.fac, fac_graded=report.fac_graded, metrics=metrics, also=also,
-                   agreement=agreement, positive_agreement=positive)
+                   agreement=agreement, positive_agreement=positive,
+                   g_vendi=self.g_vendi(data), llm_calls=self.calls(method, s))
+
+    def g_vendi(self, data: Any) -> float | None:
+        """G-Vendi (Prismatic Synthesis' gradient-space diversity) of a text training set."""
+        if not isinstance(data, TextDataset) or data.labels is None:
+            return None
+        from tools.diversity import g_vendi
+
+        return g_vendi(self.features(data.texts), data.labels, seed=0)
+
+    def calls(self, method: str, s: int) -> tuple[int, int] | None:
+        """(LLM calls, rows kept before the cut) of `method`'s generation for seed `s`."""
+        path = self.work / f"s{s}" / f"{method}.calls.json"
+        if not path.exists():
+            return None
+        got = json.loads(path.read_text())
+        return int(got["calls"]), int(got["kept"])
 
     def label(self, model: Any, samples: list[Sample]) -> list[Sample]:
         """Magpie's queries labelled by `model` (text tasks only)."""
@@ -390,14 +298,17 @@ class Comparison:
         if path.exists():
             return read_samples(path)
         self.progress(f"seed {s}: generating {method}")
+        llm = CountedLLM(self.llm)
         if method in BASELINES:
-            samples = self.baseline(method, s, shown)
+            samples = self.baseline(method, s, shown, llm)
         else:
-            samples = self.fac(method, s, task_rows, seed_set)
+            samples = self.fac(method, s, task_rows, seed_set, llm)
+        write_text_atomic(path.with_name(f"{method}.calls.json"),
+                          json.dumps({"calls": llm.calls, "kept": len(samples)}))
         write_text_atomic(path, "".join(x.model_dump_json() + "\n" for x in samples))
         return samples
 
-    def baseline(self, method: str, s: int, shown: Any) -> list[Sample]:
+    def baseline(self, method: str, s: int, shown: Any, llm: Any) -> list[Sample]:
         from tools.baselines import BaselineSettings, magpie_prefix, synthesize
 
         prefix = magpie_prefix(self.ws.model.tokenizer) if method == "magpie" else None
@@ -408,14 +319,16 @@ class Comparison:
                               concurrency=concurrency)
         if not pairs:
             return synthesize(method, seeds=self.task.examples(shown),  # type: ignore[arg-type]
-                              budget=self.s.budget, client=self.llm, settings=bs)
+                              budget=self.s.budget, client=llm, settings=bs,
+                              features=self.features)
         # a pair task's baselines write whole pairs in the task's layout (tools/baselines/pairs)
         from tools.baselines.pairs import synthesize_pairs
 
         return synthesize_pairs(method, self.task, data=shown, budget=self.s.budget,
-                                client=self.llm, settings=bs)
+                                client=llm, settings=bs)
 
-    def fac(self, method: str, s: int, task_rows: Any, seed_set: Any) -> list[Sample]:
+    def fac(self, method: str, s: int, task_rows: Any, seed_set: Any,
+            llm: Any) -> list[Sample]:
         """The real improve loop on (task anchor, seed set); its kept rows of all rounds.
         Its inputs are written into the run folder, so an interrupted compare resumes it.
         The loop's own eval set is the seed set: its metric decides nothing here
@@ -435,22 +348,27 @@ class Comparison:
         resuming = RunPaths(run_dir).config.exists()
         if not resuming:
             cfg = start_run(run_dir, cfg)
-        run_loop(run_dir, cfg, resuming, workspace=self.ws, llm=self.llm)
+        run_loop(run_dir, cfg, resuming, workspace=self.ws, llm=llm)
         paths = RunPaths(run_dir)
         return [x for r in range(1, self.s.rounds + 1) for x in read_samples(paths.data(r))]
 
 
-def row_path(folder: Path, method: str, kept: int, share: float | None) -> Path:
-    """Where a seed's row of `method` is kept in its `folder`. A row depends on its method,
-    seed, the kept count and the synthetic share; seed and full hold no generated rows, so
-    theirs holds for any kept count (one written under a kept count before is reused)."""
-    tail = "" if share is None else f".w{share:g}"
-    if method not in ("seed", "full"):
-        return folder / f"{method}.k{kept}{tail}.json"
-    path = folder / f"{method}{tail}.json"
-    named = re.compile(rf"{re.escape(method)}\.k\d+{re.escape(tail)}\.json")
-    older = sorted(p for p in folder.glob(f"{method}.k*.json") if named.fullmatch(p.name))
-    return path if path.exists() or not older else older[0]
+
+def remembered(features: Callable[[Sequence[str]], np.ndarray]
+               ) -> Callable[[Sequence[str]], np.ndarray]:
+    """`features` with each text's row remembered: compare fits and scores the same pool,
+    seed and eval texts many times (every method, round and curve point)."""
+    rows: dict[str, np.ndarray] = {}
+
+    def cached(texts: Sequence[str]) -> np.ndarray:
+        todo = list(dict.fromkeys(t for t in texts if t not in rows))
+        if todo:
+            rows.update(zip(todo, features(todo), strict=True))
+        if not texts:
+            return features(texts)  # its own error for an empty request
+        return np.stack([rows[t] for t in texts])
+
+    return cached
 
 
 def rows_jsonl(data: Any) -> str:
@@ -464,52 +382,25 @@ def rows_jsonl(data: Any) -> str:
                    for p, c, r in zip(data.prompts, data.chosen, data.rejected, strict=True))
 
 
-def summarize(rows: list[Row], settings: CompareSettings, kept: list[int],
-              headline: str = "auprc") -> dict[str, MethodResult]:
-    by: dict[str, list[Row]] = {}
-    for row in rows:
-        by.setdefault(row.method, []).append(row)
-    ref = {r.seed: r for r in by.get(settings.reference, [])}
-    out = {}
-    for method, rs in by.items():
-        score = [r.metrics[headline] for r in rs]
-        paired = None
-        if method != settings.reference and ref:
-            paired = paired_diff(score, [ref[r.seed].metrics[headline] for r in rs])
-        also: dict[str, dict[str, Any]] = {}
-        for name in rs[0].also:
-            mine = [r.also[name][headline] for r in rs]
-            also[name] = {"metric_mean": float(np.mean(mine))}
-            if method != settings.reference and ref:
-                also[name]["paired"] = paired_diff(
-                    mine, [ref[r.seed].also[name][headline] for r in rs]).model_dump()
-        agree = [r.agreement for r in rs if r.agreement is not None]
-        pos = [r.positive_agreement for r in rs if r.positive_agreement is not None]
-        out[method] = MethodResult(
-            n_train=float(np.mean([r.n_train for r in rs])),
-            n_added=float(np.mean([r.n_added for r in rs])),
-            fac=float(np.mean([r.fac for r in rs])),
-            fac_graded=float(np.mean([r.fac_graded for r in rs])),
-            metric_mean=float(np.mean(score)),
-            metric_std=float(np.std(score, ddof=1)) if len(score) > 1 else 0.0,
-            means={k: float(np.mean([r.metrics[k] for r in rs])) for k in rs[0].metrics},
-            per_seed_metric=score, paired=paired, also=also,
-            label_agreement=float(np.mean(agree)) if agree else None,
-            positive_agreement=float(np.mean(pos)) if pos else None,
-        )
-    return out
 
+@contextlib.contextmanager
+def work_lock(folder: Path, work: Path) -> Iterator[None]:
+    """Hold `folder`'s lock for the block: a second compare on the same work (same settings
+    and data) is refused at once instead of doing the whole work again beside it."""
+    from filelock import FileLock, Timeout
 
-def spearman(methods: dict[str, MethodResult], field: str) -> float:
-    from scipy.stats import spearmanr
-
-    if len(methods) < 3:
-        return float("nan")
-    xs = [getattr(m, field) for m in methods.values()]
-    ys = [m.metric_mean for m in methods.values()]
-    if len(set(xs)) < 2 or len(set(ys)) < 2:
-        return float("nan")
-    return float(spearmanr(xs, ys).statistic)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / ".lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UsageError(f"another facsynth compare is running on --work {work} with the same "
+                         "settings and data; wait for it to finish (its results are then "
+                         "reused), or give this one another --work") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def run_compare(
@@ -517,6 +408,7 @@ def run_compare(
     eval_path: str | Path | None = None, also: Sequence[str | Path] = (),
     app_settings: Settings | None = None, progress: Progress | None = None,
     on_seed: Callable[[int, list[Row]], None] | None = None,
+    pool_path: str | Path | None = None,
 ) -> CompareResult:
     """The whole comparison (see the module doc). Generated sets and per-seed rows are
     cached under `work/<key>`, so an interrupted compare resumes and a rerun only reports."""
@@ -530,21 +422,36 @@ def run_compare(
     # the toxicity task's detector is compare's --detector
     task = (ToxicityTask(detector=settings.detector) if settings.task == "toxicity"
             else get_task(settings.task, **settings.task_options))
-    anchor = task.load(anchor_path, require_labels=True)
-    ev = task.load(eval_path, require_labels=True) if eval_path else None
-    extra = {Path(p).stem: task.load(p, require_labels=True) for p in also}
+    fields = settings.fields or None
+    anchor = task.load(anchor_path, fields=fields, require_labels=True)
+    ev = task.load(eval_path, fields=fields, require_labels=True) if eval_path else None
+    extra = {Path(p).stem: task.load(p, fields=fields, require_labels=True) for p in also}
+    for flag, scored in (("--eval", ev), *(("--also-eval", d) for d in extra.values())):
+        if isinstance(scored, TextDataset):  # pairs carry their own contrast
+            both_labels(scored, flag, f"{task.headline} needs both")
     pool, ev = split_pool(task, anchor, ev, settings.eval_frac)
+    external, dropped = None, 0
+    if pool_path is not None:
+        from agent.compare_pool import drop_eval_copies
+
+        external = task.load(pool_path, require_labels=True)
+        external, dropped = drop_eval_copies(external, [ev, *extra.values()],
+                                             settings.select.near_threshold)
+        if dropped:
+            log.warning("--pool %s: %d rows copy an eval row and were dropped", pool_path,
+                        dropped)
     app = app_settings or Settings()
     folder = work / work_key(settings, app.model_dump(mode="json"), *rows_key(anchor),
-                             *rows_key(ev))
+                             *rows_key(ev), *([] if external is None else rows_key(external)))
     ws = Workspace(app)
     rows: list[Row] = []
     kept: list[int] = []
-    with contextlib.ExitStack() as stack:
+    with work_lock(folder, work), contextlib.ExitStack() as stack:
         # the LLM (a vLLM server takes minutes to start) opens only when something is not
         # cached yet: a rerun that only re-scores never starts it
         llm = LazyOpen(lambda: stack.enter_context(open_llm(app, folder, ws)))
-        comp = Comparison(ws, llm, task, pool, ev, settings, folder, extra, progress)
+        comp = Comparison(ws, llm, task, pool, ev, settings, folder, extra, progress,
+                          external)
         for s in range(settings.seeds):
             got = comp.run_seed(s)
             kept.append(max((r.n_added for r in got), default=0))
@@ -557,25 +464,21 @@ def run_compare(
     return CompareResult(
         task=settings.task, metric=task.headline, protocol=settings.labels,
         reference=settings.reference,
-        rule="every synthetic method requested until budget rows passed its own filters "
-             f"(at most budget x {settings.request_factor:g} requests), then all were cut to "
-             "the seed's smallest kept count",
+        rule=("every synthetic method requested until budget rows passed its own filters "
+              f"(at most budget x {settings.request_factor:g} requests), then all were cut to "
+              "the seed's smallest kept count") + (
+            f"; every pick method labelled that many pool rows, {settings.select.batch} a "
+            "round, each round's model scoring the next round's pool" if settings.picks()
+            else ""),
         external=external_knowledge(settings), settings=settings, n_pool=len(pool),
+        n_candidates=(len(external) if external is not None
+                      else len(pool) - round(settings.seed_frac * len(pool)))
+        if settings.picks() else None, pool_dropped=dropped,
         n_eval=len(ev), kept=kept, methods=methods,
         spearman_fac_metric=spearman(methods, "fac"),
         spearman_graded_metric=spearman(methods, "fac_graded"),
+        spearman_g_vendi_metric=spearman(methods, "g_vendi"),
         seconds=round(time.monotonic() - started, 1),
     )
 
 
-def external_knowledge(settings: CompareSettings) -> list[str]:
-    """What a method knew beyond the protocol's labels (declared in every report)."""
-    out = ["the generator LLM's own knowledge (all synthetic methods)"]
-    gates = [settings.loop.get("label_gate", {}), *(v.get("label_gate", {})
-                                                    for v in settings.variants.values())]
-    for gate in gates:
-        if isinstance(gate, dict) and gate.get("reference"):
-            out.append(f"label gate reference data {gate['reference']}")
-        if isinstance(gate, dict) and gate.get("judge") in ("llm", "both"):
-            out.append("the LLM label judge")
-    return sorted(set(out))

@@ -22,10 +22,15 @@ def label(result: CompareResult) -> str:
     return METRIC_LABELS.get(result.metric, result.metric)
 
 
+def picks(result: CompareResult) -> bool:
+    return any(m.curve or m.positives is not None for m in result.methods.values())
+
+
 def columns(result: CompareResult) -> tuple[str, ...]:
-    return ("method", "n train", "added", "FAC", "graded FAC", label(result),
-            SECOND.get(result.metric, ("", ""))[0], "vs ref (paired)", "label agree",
-            "hit rate", "gate pass")
+    pool = ("vs pick-random (paired)", "positives") if picks(result) else ()
+    return ("method", "n train", "added", "FAC", "graded FAC", "G-Vendi", label(result),
+            SECOND.get(result.metric, ("", ""))[0], "vs ref (paired)", *pool, "label agree",
+            "LLM calls / kept", "hit rate", "gate pass")
 
 
 def _second(result: CompareResult, means: dict[str, float]) -> str:
@@ -40,15 +45,53 @@ def _second(result: CompareResult, means: dict[str, float]) -> str:
 def rows(result: CompareResult) -> list[list[str]]:
     out = []
     for name, m in result.methods.items():
+        pool = [m.paired_random.describe() if m.paired_random else "",
+                "" if m.positives is None else f"{m.positives:.1f}"] if picks(result) else []
         out.append([
             name, f"{m.n_train:.0f}", f"{m.n_added:.0f}", f"{m.fac:.3f}", f"{m.fac_graded:.3f}",
+            "" if m.g_vendi is None else f"{m.g_vendi:.1f}",
             f"{100 * m.metric_mean:.1f} ± {100 * m.metric_std:.1f}", _second(result, m.means),
             m.paired.describe() if m.paired else "reference" if name == result.reference else "",
+            *pool,
             f"{m.label_agreement:.0%}" if m.label_agreement is not None else "",
+            "" if m.calls_per_kept is None else f"{m.calls_per_kept:.1f}",
             f"{m.loop.hit_rate:.0%} of {m.loop.requests}" if m.loop else "",
             f"{m.loop.gate_pass_rate:.0%} of {m.loop.kept + m.loop.disputed}" if m.loop else "",
         ])
     return out
+
+
+def curve_rows(result: CompareResult) -> tuple[list[str], list[list[str]]]:
+    """The pick methods' learning curve: per label count, the mean and the paired
+    difference against pick-random (header, rows)."""
+    ks = sorted({k for m in result.methods.values() for k in m.curve})
+    head = ["method", *(f"k={k}" for k in ks)]
+    body = []
+    for name, m in result.methods.items():
+        if not m.curve:
+            continue
+        cells = [name]
+        for k in ks:
+            p = m.curve.get(k)
+            if p is None:
+                cells.append("")
+                continue
+            vs = f" ({100 * p.paired_random.mean:+.1f} [{100 * p.paired_random.low:+.1f}, " \
+                 f"{100 * p.paired_random.high:+.1f}])" if p.paired_random else ""
+            cells.append(f"{100 * p.mean:.1f}{vs}")
+        body.append(cells)
+    return head, body
+
+
+def curve_table(result: CompareResult) -> Table:
+    head, body = curve_rows(result)
+    t = Table(title=f"learning curve: {label(result)} x 100 after k labels (paired vs "
+                    "pick-random, 95% CI)")
+    for c in head:
+        t.add_column(c, justify="left" if c == "method" else "right")
+    for r in body:
+        t.add_row(*r)
+    return t
 
 
 def table(result: CompareResult) -> Table:
@@ -96,6 +139,13 @@ def html_report(result: CompareResult) -> str:
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>"
                    for r in rows(result))
     png = base64.b64encode(plot_png(result)).decode()
+    curve = ""
+    if picks(result):
+        c_head, c_body = curve_rows(result)
+        curve = ("<h2>Learning curve: labels added</h2><table><tr>"
+                 + "".join(f"<th>{esc(c)}</th>" for c in c_head) + "</tr>"
+                 + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>"
+                           for r in c_body) + "</table>")
     external = "".join(f"<li>{esc(x)}</li>" for x in result.external)
     return f"""<!doctype html><meta charset="utf-8"><title>facsynth compare</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
@@ -109,6 +159,8 @@ td,th{{padding:2px 8px;text-align:right}}td:first-child{{text-align:left}}</styl
 <table><tr>{head}</tr>{body}</table>
 <p>FAC and label agreement are measured against the pool's real labels (diagnostics that no
 method reads). Spearman(graded FAC, {esc(label(result))}) = {result.spearman_graded_metric:.2f};
-Spearman(binary FAC, {esc(label(result))}) = {result.spearman_fac_metric:.2f}.</p>
+Spearman(binary FAC, {esc(label(result))}) = {result.spearman_fac_metric:.2f};
+Spearman(G-Vendi, {esc(label(result))}) = {result.spearman_g_vendi_metric:.2f}.</p>
+{curve}
 <img src="data:image/png;base64,{png}" alt="paired differences and FAC vs the metric">
 """

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
+from agent.pool_select import PoolSelector, judged_labels
 from tools.adapted import PROMPT as ADAPTED_PROMPT
 from tools.adapted import AdaptedChat, adapted_client
 from tools.coverage import CoverageReport, MissingFeature
@@ -39,6 +41,8 @@ from tools.label_gate import (
     rank_average,
 )
 from tools.models import resolve_model_source
+from tools.pool.labels import PoolPick
+from tools.pool.select import SelectSettings
 from tools.probe import Progress
 from tools.relevance import Relevance
 from tools.rundir import Metric
@@ -49,7 +53,7 @@ from tools.synthesis import (
     interpret_missing,
     verify_samples,
 )
-from tools.verify import Sample, VerifyReport
+from tools.verify import Provenance, Sample, VerifyReport
 from tools.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -74,9 +78,10 @@ class Engine:
         self, ws: Workspace, anchor: TextDataset, eval_set: TextDataset | None, llm: EngineLLM,
         *, detector: DetectorSettings | None = None, relevance: Relevance = "label",
         seed: int = 0, progress: ProgressFor | None = None,
-        describe: Literal["llm", "spans"] = "llm",
+        describe: Literal["llm", "spans"] = "llm", pool: TextDataset | None = None,
     ) -> None:
         self.ws = ws
+        self.pool = pool
         self.anchor = anchor
         self.eval_set = eval_set
         self.llm = llm
@@ -231,6 +236,34 @@ class Engine:
             log.info("LLM label judge: balanced accuracy %.3f on %d real anchor rows",
                      self._llm_agreement, len(rows))
         return self._llm_agreement
+
+    # -- the pool path (agent/pool_select.py) ----------------------------------------------
+    @cached_property
+    def _selector(self) -> PoolSelector:
+        if self.pool is None:
+            raise ValueError("this run has no pool")
+        folder = self._model_folder() if self.detector.kind == "lora" else None
+        return PoolSelector(self.ws, self.anchor, self.pool, folder)
+
+    def select(self, rows: Rows, model_dir: Path, settings: SelectSettings, n: int,
+               taken: set[int], seed: int) -> list[PoolPick]:
+        return self._selector.select(rows, model_dir, settings, n, taken, seed)
+
+    def unfilled(self, rows: Rows, taken: set[int]) -> list[int]:
+        return self._selector.unfilled(rows, taken)
+
+    def judge_labels(self, texts: Sequence[str], model_dir: Path,
+                     gate: LabelGateSettings) -> list[int | None]:
+        """The label gate's judges as the labeler: each row gets the label whose claim they
+        accept, or None when they accept both or neither (tools/label_gate.py)."""
+        judge = model_dir if model_dir.exists() else None
+
+        def ok(label: int) -> list[bool]:
+            claims = [Sample(text=t, label=label, provenance=Provenance(feature=-1))
+                      for t in texts]
+            return self.label_check(claims, judge, gate).ok
+
+        return judged_labels(ok(1), ok(0))
 
     def evaluate(self, model_dir: Path) -> Metric | None:
         if self.eval_set is None or not model_dir.exists():

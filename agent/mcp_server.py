@@ -60,7 +60,9 @@ INSTRUCTIONS = (
     "dataset is missing (Feature Activation Coverage, FAC) and synthesises samples that fill "
     "them. Paths are relative to the server's workspace root. Typical order: describe_dataset, "
     "coverage(anchor, data), explain_feature, generate_and_verify, improve, report. "
-    "generate_and_verify and improve take minutes."
+    "To pick the real rows worth labelling: select_rows, then add_labels. The long tools "
+    "(generate_and_verify, improve, select_rows) start a job and answer at once with a "
+    "job_id: poll job_result(job_id, wait=50) until its status is no longer running."
 )
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 WRITES = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
@@ -169,10 +171,10 @@ def build_server(
                 return await anyio.to_thread.run_sync(
                     partial(spec.run, box, args, _progress(ctx)))
             except FacsynthError as e:
-                raise ToolError(str(e)) from e
+                raise ToolError(box.sandbox.scrub(str(e))) from e
             except Exception as e:
                 log.exception("internal error in the %s tool", spec.name)
-                raise ToolError(internal_error(spec.name, e)) from e
+                raise ToolError(box.sandbox.scrub(internal_error(spec.name, e))) from e
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[None]:

@@ -138,3 +138,15 @@ class PairEngine:
             return None
         values = self.task.metric(self.task.load_model(model_dir), self.eval_set, self.features)
         return Metric(name=self.task.headline, value=values[self.task.headline], values=values)
+
+    # the pool path is for text rows (agent/runs.py refuses --pool for pair tasks first)
+    def select(self, rows: Rows, model_dir: Path, settings: Any, n: int, taken: set[int],
+               seed: int) -> list[Any]:
+        raise ConfigError(f"the {self.task.name} task has no pool path")
+
+    def unfilled(self, rows: Rows, taken: set[int]) -> list[int]:
+        raise ConfigError(f"the {self.task.name} task has no pool path")
+
+    def judge_labels(self, texts: Sequence[str], model_dir: Path,
+                     gate: LabelGateSettings) -> list[int | None]:
+        raise ConfigError(f"the {self.task.name} task has no pool path")

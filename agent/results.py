@@ -190,6 +190,8 @@ class ImproveResult(BaseModel):
     fac_end: float
     stop_reason: str | None
     seconds: float
+    waiting_for_labels: str | None = Field(
+        None, description="the pool path: the run paused for labels; the to-label file")
     next: str
 
 

@@ -9,6 +9,7 @@ nodes, rounds and progress bars; nothing here prints.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from tools.rundir import RoundRecord
     from tools.tasks import Task
     from tools.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 FLAGS = {"max_rounds": "rounds", "kind": "detector", "judge": "label_gate",
          "reference": "label_reference"}
@@ -86,7 +89,7 @@ def start_run(run: Path, cfg: RunConfig, *, resume_hint: str | None = None) -> R
     `config.json`: a refused start leaves nothing behind, so the corrected command just works.
     Local input paths are stored absolute. `resume_hint` says how the caller's user continues
     an existing run (default: the CLI's `--resume RUN`)."""
-    if RunPaths(run).config.exists():
+    if RunPaths(run).config.exists() and RunPaths(run).history.exists():
         raise UsageError(f"{run} already holds a run: continue it with "
                          f"{resume_hint or f'--resume {run}'}, or choose another run folder")
     if run.exists() and not run.is_dir():
@@ -102,9 +105,37 @@ def start_run(run: Path, cfg: RunConfig, *, resume_hint: str | None = None) -> R
         if cfg.loop.focus != "data":
             raise ConfigError(f"--focus {cfg.loop.focus}: the {cfg.task} task has no "
                               "detector errors to focus on; use --focus data")
+        if cfg.pool is not None:
+            raise ConfigError(f"--pool: the {cfg.task} task has no pool path yet (a pool row "
+                              "would be a pair whose preferred side a person picks); use "
+                              "the toxicity task or drop --pool")
+    if cfg.pool is not None:
+        pool = cfg.pool.model_copy(update={"path": _absolute(cfg.pool.path)})
+        cfg = cfg.model_copy(update={"pool": pool})
+        if pool.labeler == "judge" and cfg.loop.label_gate.judge == "off":
+            raise ConfigError("--labeler judge: the label gate's judges label the rows, so "
+                              "--label-gate cannot be off")
     load_run_inputs(cfg)
+    load_pool(cfg)
+    if RunPaths(run).config.exists():  # a run that never finished round 0: nothing to keep
+        log.warning("%s: replacing a run that never finished round 0", run)
+        clear_unstarted(run)
     cfg.write(run)
     return cfg
+
+
+def clear_unstarted(run: Path) -> None:
+    """Remove what a run that never finished round 0 left: its config, checkpoints and
+    round-0 work (nothing else in the folder is touched)."""
+    import shutil
+
+    paths = RunPaths(run)
+    for name in ("config.json", "checkpoints.sqlite", "checkpoints.sqlite-wal",
+                 "checkpoints.sqlite-shm", "checkpoints.sqlite-journal"):
+        (run / name).unlink(missing_ok=True)
+    for leftover in paths.dir.glob("work/round-0.*"):
+        leftover.unlink(missing_ok=True)
+    shutil.rmtree(paths.model(0), ignore_errors=True)
 
 
 def run_task(cfg: RunConfig) -> Task[Any, Any]:
@@ -118,7 +149,7 @@ def load_run_inputs(cfg: RunConfig) -> tuple[Any, Any, Any]:
     """(anchor, data, eval) as the task's rows: without an eval set, a fixed share of the
     anchor is held out for evaluation (the task's split: stratified for text rows, whole
     prompt groups for pairs) and never used as anchor."""
-    from tools.data import load_texts
+    from tools.data import both_labels, load_texts
     from tools.splits import stratified_split
 
     if cfg.task != "toxicity":
@@ -133,11 +164,35 @@ def load_run_inputs(cfg: RunConfig) -> tuple[Any, Any, Any]:
     load = partial(load_texts, text_field=cfg.text_field, label_field=cfg.label_field)
     anchor = load(cfg.anchor, require_labels=True)
     data = load(cfg.data)
+    both_labels(anchor, "--anchor", "the task features are what tells its labels apart")
+    if data.labels is not None:
+        both_labels(data, "--data", "a detector trains on them (drop the label column to "
+                    "measure coverage only)")
     if cfg.eval:
-        return anchor, data, load(cfg.eval, require_labels=True)
+        ev = load(cfg.eval, require_labels=True)
+        both_labels(ev, "--eval", "AUPRC needs both")
+        return anchor, data, ev
     assert anchor.labels is not None
-    keep, held = stratified_split(anchor.labels, cfg.eval_frac, seed=0, texts=anchor.texts)
+    keep, held = stratified_split(anchor.labels, cfg.eval_frac, seed=0, texts=anchor.texts,
+                                  what=f"--anchor {cfg.anchor} (held out for --eval)")
     return anchor.subset(keep), data, anchor.subset(held)
+
+
+
+def load_pool(cfg: RunConfig) -> Any:
+    """The run's pool rows (None without a pool): texts, and labels only for the file
+    labeler (a pool's label column is never read otherwise)."""
+    from tools.data import load_texts
+
+    if cfg.pool is None:
+        return None
+    p = cfg.pool
+    by_file = p.labeler == "file"
+    pool = load_texts(p.path, text_field=p.text_field, label_field=p.label_field,
+                      require_labels=by_file)
+    if not by_file:
+        pool = type(pool)(list(pool.texts), None, pool.source)
+    return pool
 
 
 @contextlib.contextmanager
@@ -164,6 +219,7 @@ def loop_graph(
     from agent.steps import Steps
 
     anchor, data, ev = load_run_inputs(cfg)
+    pool = load_pool(cfg)
     loop = cfg.loop
     if cfg.task != "toxicity":
         # a pair is one sample with both sides: no separate negatives to ask for
@@ -181,31 +237,40 @@ def loop_graph(
             if cfg.task == "toxicity":
                 engine = Engine(ws, anchor, ev, llm, detector=cfg.detector,
                                 relevance=cfg.relevance, seed=cfg.loop.seed,
-                                progress=progress, describe=cfg.loop.describe)
+                                progress=progress, describe=cfg.loop.describe, pool=pool)
             else:
                 engine = PairEngine(ws, run_task(cfg), anchor, ev, llm,
                                     relevance=cfg.relevance, seed=cfg.loop.seed,
                                     progress=progress, describe=cfg.loop.describe)
-        steps = Steps(run, engine, loop, data, before=before, on_round=on_round)
-        yield build(steps, checkpointer(run) if checkpoint else None)
+        steps = Steps(run, engine, loop, data, before=before, on_round=on_round, pool=cfg.pool,
+                      pool_rows=pool)
+        yield build(steps, checkpointer(run) if checkpoint else None, source=cfg.source)
 
 
 def run_loop(run: Path, cfg: RunConfig, resuming: bool, **parts: Any) -> dict[str, Any]:
-    """Run (or resume) the improve graph in `run` until its stop rule; the final state.
-    `parts` are `loop_graph`'s keyword arguments (workspace, llm, engine, hooks)."""
+    """Run (or resume) the improve graph in `run` until its stop rule, or until it pauses
+    for labels (the pool path's human labeler: the state then holds `__interrupt__`); the
+    final state. `parts` are `loop_graph`'s keyword arguments (workspace, llm, engine,
+    hooks)."""
+    from langgraph.types import Command
+
     from agent.graph import thread
 
     run.mkdir(parents=True, exist_ok=True)
     with loop_graph(run, cfg, **parts) as graph:
         config = thread(run)
-        start: dict[str, Any] | None = {}
+        start: Any = {}
         if resuming:
-            values = graph.get_state(config).values
+            snapshot = graph.get_state(config)
+            values = snapshot.values
             if values.get("stop_reason"):
                 return dict(values)  # finished already
             # no checkpoint yet: start over; else continue from the last one (a step whose
-            # writes were saved but not its checkpoint shows no `next`, yet is not the end)
+            # writes were saved but not its checkpoint shows no `next`, yet is not the end);
+            # a run paused for labels resumes its label node, which reads the label journal
             start = None if values else {}
+            if snapshot.interrupts:
+                start = Command(resume=True)
         # "sync": each step's checkpoint is on disk before the next step starts, so a kill
         # loses at most the step in flight (LangGraph's default writes it in the background)
         return dict(graph.invoke(start, config, durability="sync"))

@@ -52,10 +52,10 @@ class Sandbox:
             raise PathRefused(f"{text}: cannot be resolved ({e})") from None
         if real != self.root and not real.is_relative_to(self.root):
             raise PathRefused(
-                f"{text}: outside the workspace root {self.root} (paths must stay inside it; "
-                "'..' and symlinks out of it are refused)")
+                f"{text}: outside the workspace root (paths must stay inside it; '..' and "
+                "symlinks out of it are refused)")
         if must_exist and not real.exists():
-            raise DataError(f"{text}: no such file in the workspace root {self.root}")
+            raise DataError(f"{text}: no such file in the workspace root")
         return real
 
     def rel(self, path: Path) -> str:
@@ -64,6 +64,12 @@ class Sandbox:
             return str(path.relative_to(self.root)) or "."
         except ValueError:
             return str(path)
+
+    def scrub(self, text: str) -> str:
+        """`text` (an error message) with paths inside the root made root-relative: a
+        caller is never shown where the server's files live."""
+        root = str(self.root)
+        return text.replace(root + os.sep, "").replace(root, ".")
 
     @property
     def state_dir(self) -> Path:
@@ -106,7 +112,7 @@ class Sandbox:
                         self.resolve(path)
                     except PathRefused:
                         raise PathRefused(
-                            f"{path}: a symlink out of the workspace root {self.root} (to "
+                            f"{path}: a symlink out of the workspace root (to "
                             f"{os.readlink(path)}); files facsynth writes must stay inside the "
                             "root: remove the link") from None
                 if entry.is_dir():  # follows a symlink that stays inside the root

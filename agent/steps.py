@@ -19,10 +19,14 @@ from typing import Any, Protocol
 from pydantic import BaseModel, Field
 
 from agent.graph import LoopState, decide
+from agent.pool_steps import PoolSteps
 from tools.coverage import CoverageReport, MissingFeature
-from tools.data import write_text_atomic
+from tools.data import TextDataset, write_text_atomic
 from tools.generate import GenerateSettings, Target, plan_requests
 from tools.label_gate import Judged, LabelCheck, LabelGateSettings
+from tools.pool.labels import PoolPick
+from tools.pool.select import SelectSettings
+from tools.pool.source import PoolSource
 from tools.rundir import (
     History,
     LoopSettings,
@@ -52,8 +56,9 @@ class Rows:
 
     @property
     def synthetic(self) -> list[bool]:
-        """Per row: is it a kept synthetic sample (the starting rows are real)?"""
-        return [False] * len(self.data) + [True] * len(self.added)
+        """Per row: is it a kept synthetic sample (the starting rows and labelled pool rows
+        are real)?"""
+        return [False] * len(self.data) + [s.provenance.pool_row is None for s in self.added]
 
     @property
     def labelled(self) -> bool:
@@ -88,6 +93,12 @@ class LoopEngine(Protocol):
     def train(self, rows: Rows, model_dir: Path, *,
               synthetic_share: float | None = None) -> None: ...
     def evaluate(self, model_dir: Path) -> Metric | None: ...
+    # the pool path (agent/pool_select.py)
+    def select(self, rows: Rows, model_dir: Path, settings: SelectSettings, n: int,
+               taken: set[int], seed: int) -> list[PoolPick]: ...
+    def unfilled(self, rows: Rows, taken: set[int]) -> list[int]: ...
+    def judge_labels(self, texts: Sequence[str], model_dir: Path,
+                     gate: LabelGateSettings) -> list[int | None]: ...
 
 
 class VerifySummary(BaseModel):
@@ -111,32 +122,39 @@ class VerifySummary(BaseModel):
 Hook = Callable[[str, int], None]
 
 
-class Steps:
+class Steps(PoolSteps):
     """One method per graph node. `before(node, round)` runs first in every node (progress
-    display; tests inject crashes there); `on_round(record)` after each round's decision."""
+    display; tests inject crashes there); `on_round(record)` after each round's decision.
+    With `pool` (the pool path), `pool_rows` are the pool's rows (agent/pool_steps.py)."""
 
     def __init__(self, run_dir: Path, engine: LoopEngine, loop: LoopSettings, data: Any,
                  before: Hook | None = None,
-                 on_round: Callable[[RoundRecord], None] | None = None) -> None:
+                 on_round: Callable[[RoundRecord], None] | None = None, *,
+                 pool: PoolSource | None = None, pool_rows: TextDataset | None = None) -> None:
         self.dir = run_dir
         self.paths = RunPaths(run_dir)
         self.engine = engine
         self.loop = loop
         self.data = data
+        self.pool = pool
+        self.pool_rows = pool_rows
         self.before = before or (lambda node, r: None)
         self.on_round = on_round or (lambda rec: None)
         self._started = time.monotonic()
 
     def rows(self, upto: int) -> Rows:
-        """The data as of the end of round `upto`: the starting rows plus kept samples."""
+        """The data as of the end of round `upto`: the starting rows plus kept samples and
+        labelled pool rows, round by round."""
         return Rows(self.data, [s for r in range(1, upto + 1)
-                                for s in read_samples(self.paths.data(r))])
+                                for path in (self.paths.data(r), self.paths.pool_data(r))
+                                for s in read_samples(path)])
 
     # -- nodes -------------------------------------------------------------------------
     def load(self, state: LoopState) -> dict[str, Any]:
         self.before("load", 0)
         self.paths.make()
-        return {"round": 0, "generated_total": 0, "metric": [], "stop_reason": None}
+        return {"round": 0, "generated_total": 0, "metric": [], "stop_reason": None,
+                "picked_total": 0, "picked": 0}
 
     def probe(self, state: LoopState) -> dict[str, Any]:
         r = state["round"]
@@ -159,6 +177,9 @@ class Steps:
         # graded coverage: features short of rows, largest deficit first (the missing ones
         # included); a report without it (older coverage): the binary missing list
         chosen = report.deficits or report.missing
+        unfilled = self.unfilled_features(r)
+        if unfilled is not None:  # --source both: only what no pool row fills
+            chosen = [m for m in chosen if m.feature in unfilled]
         if self.loop.focus != "data":
             rows = self.rows(r - 1)
             if not rows.labelled:
@@ -264,8 +285,9 @@ class Steps:
         metric = self.engine.evaluate(self.paths.model(r))
         report = self.engine.coverage(rows)
         summaries = self._summaries(r)
-        verified = (VerifySummary.model_validate_json(self.paths.work(r, "verify").read_text())
-                    if r > 0 else None)
+        verify_file = self.paths.work(r, "verify")
+        verified = (VerifySummary.model_validate_json(verify_file.read_text())
+                    if r > 0 and verify_file.exists() else None)
         history = History.load_or_new(self.dir)
         history.record(RoundRecord(
             round=r, fac=report.fac, fac_graded=report.fac_graded, n_task=report.n_task,
@@ -279,6 +301,7 @@ class Steps:
             hit_rate=verified.hit_rate if verified else 0.0,
             per_feature=verified.per_feature if verified else {},
             metric=metric, n_train=len(rows), seconds=round(time.monotonic() - self._started, 1),
+            **self.pool_round(r),
         ))
         history.save(self.dir)
         return {"fac": report.fac, "missing": [m.feature for m in report.missing],
@@ -296,7 +319,7 @@ class Steps:
     def decide(self, state: LoopState) -> dict[str, Any]:
         r = state["round"]
         self.before("decide", r)
-        reason = decide(state, self.loop)
+        reason = decide(state, self.loop, self.pool)
         history = History.load(self.dir)
         record = next(x for x in history.rounds if x.round == r)
         record.stop_reason = reason

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, get_type_hints
@@ -107,11 +108,14 @@ def translated() -> Iterator[None]:
     try:
         yield
     except ValidationError as e:
-        if not e.title.startswith(f"{Toolbox.__name__}."):
+        owner, _, name = e.title.rpartition(".")
+        if owner not in TOOL_CLASSES or name not in TOOL_NAMES:
             raise  # a model inside the pipeline failed: a bug, not the caller's arguments
-        raise UsageError(bad_arguments(e.title.split(".")[-1], e)) from e
+        raise UsageError(bad_arguments(name, e)) from e
     except OSError as e:
         raise FileAccessError(f"cannot access a file: {type(e).__name__}: {e}") from e
+    except sqlite3.Error as e:  # a run's checkpoints or a cache on a full or broken disk
+        raise FileAccessError(f"cannot use a database file: {e}") from e
 
 
 def bad_arguments(tool: str, e: ValidationError) -> str:
@@ -212,5 +216,14 @@ TOOLS: tuple[ToolSpec, ...] = (
     tool(Toolbox.generate_and_verify, writes=True, confirm=_confirm_generation),
     tool(Toolbox.improve, writes=True, confirm=_confirm_improve),
     tool(Toolbox.report, writes=True),
+    tool(Toolbox.job_status),
+    tool(Toolbox.job_result),
+    tool(Toolbox.cancel_job, writes=True),
+    tool(Toolbox.list_jobs),
+    tool(Toolbox.select_rows, writes=True),
+    tool(Toolbox.add_labels, writes=True),
 )
 """Every tool, in the order the system prompt and the tool lists show them."""
+TOOL_NAMES = frozenset(t.name for t in TOOLS)
+TOOL_CLASSES = frozenset(c.__name__ for c in Toolbox.__mro__)
+"""Where the tools' `validate_call` errors come from (their titles name the class)."""

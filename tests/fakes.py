@@ -291,7 +291,12 @@ class FakeEngine:
 
     def __init__(self, crash_after_samples: int | None = None, delay: float = 0.0,
                  dispute: Callable[[Sample], bool] | None = None,
-                 deficits: dict[int, int] | None = None) -> None:
+                 deficits: dict[int, int] | None = None,
+                 pool: Sequence[str] = ()) -> None:
+        self.pool = list(pool)
+        """the pool path's rows: a pool row fills feature f when it holds "<f>" """
+        self.selected: list[tuple[int, set[int]]] = []
+        """(n asked, rows taken before) of each select call"""
         self.deficits = deficits or {}
         self.generated: list[tuple[list[Target], GenerateSettings]] = []
         self.interpreted: Counter[int] = Counter()
@@ -380,6 +385,31 @@ class FakeEngine:
     def evaluate(self, model_dir: Path) -> Metric | None:
         n = json.loads((model_dir / "n.json").read_text())
         return Metric(value=min(1.0, n / 40), values={"auroc": 0.5, "best_f1": 0.5})
+
+    # the pool path: rows that hold a missing feature's "<f>" first, then the rest, in order
+    def select(self, rows: Rows, model_dir: Path, settings: Any, n: int, taken: set[int],
+               seed: int) -> list[Any]:
+        from tools.pool.labels import PoolPick
+
+        self.selected.append((n, set(taken)))
+        missing = {m.feature for m in self.coverage(rows).missing}
+        open_ = [i for i in range(len(self.pool)) if i not in taken]
+
+        def fills(i: int) -> list[int]:
+            return [int(f) for f in re.findall(r"<(\d+)>", self.pool[i]) if int(f) in missing]
+
+        order = sorted(open_, key=lambda i: (not fills(i), i))[:n]
+        return [PoolPick(row=i, text=self.pool[i], round=1, strategy=settings.strategy,
+                         score=0.5, fills=fills(i)) for i in order]
+
+    def unfilled(self, rows: Rows, taken: set[int]) -> list[int]:
+        missing = {m.feature for m in self.coverage(rows).missing}
+        fired = {int(f) for i, t in enumerate(self.pool) if i not in taken
+                 for f in re.findall(r"<(\d+)>", t)}
+        return sorted(missing - fired)
+
+    def judge_labels(self, texts: Sequence[str], model_dir: Path, gate: Any) -> list[int | None]:
+        return [1 if "bad" in t else 0 if "fine" in t else None for t in texts]
 
 
 def final_data(run_dir: Path) -> dict[str, str]:

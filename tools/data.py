@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tools.errors import DataError
+from tools.errors import DataError, FileAccessError
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def _validate(
             _raise_no_text(where, text_field, row)
         text = row[text_field]
         if not isinstance(text, str) or not text.strip():
-            what = f"a {type(text).__name__}, not a string"
+            what = f"{json_kind(text)}, not text"
             if text is None or isinstance(text, str):
                 what = "empty or whitespace-only"
             raise DataError(
@@ -335,13 +335,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     import tempfile
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        old = path.lstat()
-        mode = stat.S_IMODE(old.st_mode) if stat.S_ISREG(old.st_mode) else _new_file_mode()
-    except FileNotFoundError:
-        mode = _new_file_mode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            old = path.lstat()
+            mode = stat.S_IMODE(old.st_mode) if stat.S_ISREG(old.st_mode) else _new_file_mode()
+        except FileNotFoundError:
+            mode = _new_file_mode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise FileAccessError(f"{path}: cannot write it ({e.strerror or e})") from e
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             if hasattr(os, "fchmod"):
@@ -350,7 +353,33 @@ def write_text_atomic(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # the temp file's name means nothing to the caller
+            raise FileAccessError(f"{path}: cannot write it ({e.strerror or e}); the old "
+                                  "file, if any, is unchanged") from e
         raise
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, as a person reads it: "a number", "a list", "true/false"."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def both_labels(data: TextDataset, flag: str, why: str) -> None:
+    """DataError naming the file unless `data` has rows labelled 0 and rows labelled 1."""
+    labels = list(data.labels or [])
+    n1 = sum(1 for y in labels if y == 1)
+    if n1 == 0 or n1 == len(labels):
+        only = "1" if n1 else "0"
+        raise DataError(f"{flag} {data.source}: all {len(labels)} rows are labelled {only}; "
+                        f"it needs rows of both labels ({why})")

@@ -520,6 +520,7 @@ def fit_detector(
     progress: Progress | None = None,
     synthetic: Sequence[bool] | np.ndarray | None = None,
     synthetic_share: float | None = None,
+    row_scale: Sequence[float] | np.ndarray | None = None,
 ) -> Detector:
     """Train the detector `settings.kind` names; save it to out_dir when given.
 
@@ -527,14 +528,21 @@ def fit_detector(
     lora: needs `texts` and `model_folder` (a transformers causal-LM folder or hub id).
     `synthetic` ([n] bool) marks synthetic rows; with `synthetic_share` they get that share
     of each label's weight (`row_weights`), without it they weigh like real rows. Both are
-    recorded in the manifest.
+    recorded in the manifest. `row_scale` ([n]) multiplies the rows' weights after that.
     """
     det: Detector
     if synthetic is not None and len(synthetic) != len(labels):
         raise DataError(f"{len(synthetic)} synthetic flags for {len(labels)} training rows")
     weights = None
-    if synthetic_share is not None:
+    if synthetic_share is not None or row_scale is not None:
         weights = row_weights(_check_labels(labels), synthetic, synthetic_share)
+    if row_scale is not None:
+        assert weights is not None
+        scale = np.asarray(row_scale, dtype=np.float64)
+        if len(scale) != len(weights) or not np.all(np.isfinite(scale)) or (scale < 0).any():
+            raise DataError(f"row_scale: {len(scale)} finite, non-negative factors are needed "
+                            f"for {len(weights)} training rows")
+        weights = weights * scale
     n_synthetic = int(np.asarray(synthetic, dtype=bool).sum()) if synthetic is not None else 0
     recorded = {"synthetic_share": synthetic_share, "n_synthetic": n_synthetic}
     if settings.kind == "probe":

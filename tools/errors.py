@@ -33,6 +33,7 @@ class UsageError(FacsynthError):
     """Bad arguments to a tool or command: the message says which and what would work."""
 
 
-class FileAccessError(FacsynthError):
+class FileAccessError(FacsynthError, OSError):
     """A file or folder cannot be read or written (permission denied, a full disk, a folder
-    where a file is expected): the environment's problem, not a facsynth bug."""
+    where a file is expected): the environment's problem, not a facsynth bug. It is an
+    OSError too, so code that handles failed I/O handles it."""

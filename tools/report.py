@@ -76,6 +76,8 @@ def write_report(
         "graded": _has_graded(history.rounds),
         "images": {k: f"{paths.images.name}/{name}" for k, name in images.items()},
         "features": _feature_views(totals, summaries, kept, samples_per_feature),
+        "pool": [r for r in history.rounds if r.picked],
+        "labeler": next((r.labeler for r in history.rounds if r.labeler), None),
         "skipped": skipped,
     }
     html = _template().render(**context)
@@ -204,7 +206,27 @@ def _charts(
         _save(_feature_figure(totals), out_dir / images["features"])
     else:
         (out_dir / "features.png").unlink(missing_ok=True)  # stale from an earlier report
+    if any(r.picked for r in rounds) and any(r.metric for r in rounds):
+        images["labels"] = "labels_curve.png"
+        _save(_labels_figure(rounds), out_dir / images["labels"])
     return images
+
+
+def _labels_figure(rounds: Sequence[RoundRecord]) -> Any:
+    """The pool path's learning curve: the metric against the pool rows labelled so far."""
+    fig, (ax,) = _figure(6.5, 3.4)
+    scored = [r for r in rounds if r.metric is not None]
+    xs = [r.labels_total for r in scored]
+    ax.plot(xs, [r.metric.value for r in scored if r.metric], "o-", color="tab:purple")
+    for r in scored:
+        if r.round:
+            ax.annotate(f"+{r.positives} pos.", (r.labels_total, r.metric.value if r.metric
+                        else 0), textcoords="offset points", xytext=(4, -12), fontsize=7)
+    name = scored[0].metric.label if scored[0].metric else "metric"
+    ax.set_xlabel("pool rows labelled")
+    ax.set_ylabel(name)
+    ax.set_title(f"Learning curve: {name} against labels added (positives found per round)")
+    return fig
 
 
 def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, Any]:

@@ -8,6 +8,9 @@ Layout of a run directory R:
     checkpoints.sqlite     LangGraph checkpoints (agent/graph.py)
     history.json           {"rounds": [RoundRecord, ...]}, round 0 = the starting data
     data/round-N.jsonl     kept synthetic rows of round N (tools.verify.Sample)
+    data/round-N.pool.jsonl  pool rows labelled in round N (the pool path), with provenance
+    labels.jsonl           every label given to a pool row (tools/pool/labels.py)
+    to-label/round-N.csv   the rows of round N still waiting for a person's label (and .jsonl)
     rejected/round-N.jsonl rejected rows of round N, each with its `reason` and activation
     work/round-N.KIND.EXT  coverage, features, the generation journal, verification summary
     models/round-N/        the detector trained after round N
@@ -37,6 +40,7 @@ from tools.data import write_text_atomic
 from tools.detector import DetectorSettings
 from tools.errors import ConfigError, DataError
 from tools.label_gate import LabelGateSettings
+from tools.pool.source import PoolSource
 from tools.verify import FeatureHits, Sample, Verdict
 
 Relevance = Literal["label", "llm", "auto"]
@@ -173,6 +177,13 @@ class RunConfig(BaseModel):
     loop: LoopSettings = LoopSettings()
     detector: DetectorSettings = DetectorSettings()
     relevance: Relevance = "auto"
+    pool: PoolSource | None = Field(None, description="the pool path (tools/pool): real rows "
+                                    "picked for labelling; None: synthesis only")
+
+    @property
+    def source(self) -> str:
+        """Where a round's new rows come from: generate, pool or both."""
+        return "generate" if self.pool is None else self.pool.source
 
     @classmethod
     def read(cls, run_dir: Path) -> RunConfig:
@@ -207,6 +218,23 @@ class RunPaths:
     def data(self, r: int) -> Path:
         """Kept synthetic rows of round r."""
         return self.dir / "data" / f"round-{r}.jsonl"
+
+    def pool_data(self, r: int) -> Path:
+        """Pool rows labelled in round r, as samples with provenance (the pool path)."""
+        return self.dir / "data" / f"round-{r}.pool.jsonl"
+
+    @property
+    def labels(self) -> Path:
+        """The label journal of the pool path (tools/pool/labels.py)."""
+        return self.dir / "labels.jsonl"
+
+    def picks(self, r: int) -> Path:
+        """The pool rows picked in round r (tools/pool/labels.PoolPick, JSONL)."""
+        return self.work(r, "picks", "jsonl")
+
+    def to_label(self, r: int, suffix: str = "csv") -> Path:
+        """Round r's rows waiting for a person's label."""
+        return self.dir / "to-label" / f"round-{r}.{suffix}"
 
     def rejected(self, r: int) -> Path:
         return self.dir / "rejected" / f"round-{r}.jsonl"
@@ -264,6 +292,19 @@ class Metric(BaseModel):
 METRIC_LABELS = {"auprc": "AUPRC", "pairwise_accuracy": "pairwise accuracy", "scr": "SCR"}
 
 
+class PickedRow(BaseModel):
+    """A pool row picked in a round, as the report shows it."""
+
+    row: int
+    text: str = Field(description="the row's text, cut to 200 characters")
+    label: int | None = Field(None, description="its label (None: skipped or disputed)")
+    fills: list[int] = Field(default_factory=list, description="task features with a deficit "
+                             "it filled")
+    summaries: list[str] = Field(default_factory=list, description="what those features are "
+                                 "(when interpreted)")
+    score: float | None = None
+
+
 class RoundRecord(BaseModel):
     """What one round measured and did; round 0 is the starting data, before synthesis."""
 
@@ -285,6 +326,13 @@ class RoundRecord(BaseModel):
     n_train: int = 0
     stop_reason: str | None = None
     seconds: float = 0.0
+    picked: int = Field(0, description="the pool path: pool rows picked this round")
+    labelled: int = Field(0, description="of them, labelled (the rest skipped or disputed)")
+    positives: int = Field(0, description="of the labelled, labelled 1")
+    labels_total: int = Field(0, description="pool rows labelled in all rounds so far")
+    labeler: str | None = Field(None, description="who labelled them (human, file, judge)")
+    picks: list[PickedRow] = Field(default_factory=list, description="the rows picked this "
+                                   "round, as the report shows them")
 
 
 _REPAIR = "restore the file or re-run the loop with this run directory to rewrite it"

@@ -32,12 +32,21 @@ Reason = Literal["kept", "empty", "refusal", "duplicate", "near_duplicate", "tar
 
 
 class Provenance(BaseModel):
-    feature: int = Field(description="the missing feature this sample targets")
+    feature: int = Field(description="the missing feature this sample targets (a pool row: "
+                         "the first deficit feature it fills, -1 for none)")
     round: int = 0
-    generator: str = ""
-    prompt_version: str = ""
+    generator: str = Field("", description="who wrote it; a pool row: 'pool:<file>'")
+    prompt_version: str = Field("", description="the prompt; a pool row: the strategy that "
+                                "picked it, 'select-<strategy>'")
     temperature: float | None = None
     seed: int | None = None
+    pool_row: int | None = Field(None, description="a real pool row: its index in the pool "
+                                 "file (0-based); None for a generated sample")
+    fills: list[int] = Field(default_factory=list, description="a pool row: the task "
+                             "features with a deficit it fills")
+    score: float | None = Field(None, description="a pool row: the model's score when picked")
+    labeler: str | None = Field(None, description="a pool row: who labelled it (human, file, "
+                                "judge)")
 
 
 class Sample(BaseModel):

@@ -73,13 +73,17 @@ def serve(
     sae: SaeOpt = None,
 ) -> None:
     """Serve the facsynth tools over MCP (stdio by default) for other agents."""
+    from agent.job_worker import command
     from agent.mcp_server import serve as run_server
     from agent.toolbox import Toolbox
 
     with one_line_errors():
         settings = settings_from(model=model, sae=sae, generator=generator, mcp_token=token)
         secret = settings.mcp_token.get_secret_value() if settings.mcp_token else None
-        with Toolbox(settings, root) as box:
+        # long tools run as detached worker processes: they outlive a client that
+        # disconnects (and takes the server's process group with it)
+        worker = command(root.resolve(), model=model, sae=sae, generator=generator)
+        with Toolbox(settings, root, job_worker=worker) as box:
             run_server(box, http=http, allow_remote=allow_remote, token=secret,
                        max_concurrent=max_concurrent)
 

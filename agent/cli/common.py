@@ -81,23 +81,37 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
         handlers=[RichHandler(console=err, show_path=False)],
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # a local model loads in about a second: its progress bar (transformers reads this
+    # when it is imported, later) is noise among our own lines
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Project errors and failed file I/O (a full disk, a folder without write access) as
-    one line and exit code 2; anything else is a bug and keeps its traceback."""
+    """Project errors and failed file I/O (a full disk, a folder without write access, a
+    database file on a full disk) as one line and exit code 2; anything else is a bug and
+    keeps its traceback."""
+    import sqlite3
+
     try:
         yield
-    except (FacsynthError, OSError) as e:
-        if isinstance(e, OSError):
+    except (FacsynthError, OSError, sqlite3.Error) as e:
+        if not isinstance(e, FacsynthError):
             logging.getLogger("facsynth").debug("I/O error", exc_info=True)
-        err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+        text = str(e)
+        if isinstance(e, sqlite3.Error):
+            text = (f"a database file could not be used ({e}): free space or fix the folder's "
+                    "permissions; a run continues where it stopped with --resume")
+        err.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 
 def writable(path: Path | None, flag: str) -> None:
-    """Refuse an output path that cannot be a file before any work is done."""
+    """Refuse an output path that cannot be written before any work is done: a folder, a
+    file where a folder should be, or a folder that does not take new files (tried with a
+    temp file, so read-only mounts and permissions both count)."""
+    import tempfile
+
     if path is None:
         return
     if path.is_dir():
@@ -106,6 +120,13 @@ def writable(path: Path | None, flag: str) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".facsynth-probe.", dir=parent)
+            except OSError as e:
+                raise ConfigError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); "
+                                  "choose another place") from None
+            os.close(fd)
+            os.unlink(probe)
             break
 
 

@@ -289,6 +289,38 @@ def improve(
                                  "(default 0.2)")
     ] = None,
     relevance: RelevanceOpt = "auto",
+    pool: Annotated[
+        Path | None, typer.Option(help="unlabelled rows to pick from for labelling (JSONL, "
+                                  "CSV or Parquet with a text column; its label column is "
+                                  "read only with --labeler file)")
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="where each round's new rows come from: generate "
+                                 "(synthesis), pool (picked pool rows, labelled), both (pick "
+                                 "first, then synthesise only for deficits no pool row "
+                                 "fills) [default: pool with --pool, else generate]")
+    ] = None,
+    labeler: Annotated[
+        str, typer.Option(help="who labels picked rows: human (the run pauses and writes "
+                          "RUN/to-label/round-N.csv; `facsynth label RUN FILE` resumes it), "
+                          "file (the pool's label column), judge (the label gate's judges; "
+                          "disputed rows are dropped)")
+    ] = "human",
+    strategy: Annotated[
+        str, typer.Option(help="how pool rows are picked: fac (fill the largest task-"
+                          "feature deficits, weighted by the model's score), random, "
+                          "uncertainty, top-score, coreset")
+    ] = "fac",
+    batch: Annotated[int, typer.Option(help="pool rows picked per round")] = 25,
+    label_budget: Annotated[int, typer.Option(help="pool rows picked at most, all rounds")
+                            ] = 100,
+    pool_text_field: Annotated[str, typer.Option(help="the pool's text column")] = "text",
+    pool_label_field: Annotated[str, typer.Option(
+        help="the pool's label column (--labeler file)")] = "label",
+    labels: Annotated[
+        Path | None, typer.Option(help="with --resume: a filled-in to-label file (CSV or "
+                                  "JSONL: row, label = 0, 1, skip or empty for later)")
+    ] = None,
     generator: GeneratorOpt = None,
     model: ModelOpt = None,
     sae: SaeOpt = None,
@@ -296,16 +328,21 @@ def improve(
 ) -> None:
     """Self-improvement rounds: coverage -> interpret -> generate -> verify -> train ->
     evaluate, until FAC gains level off. The task (--task) says what a row is and what is
-    trained and scored on them. Kill it any time; `--resume RUN_DIR` continues."""
+    trained and scored on them. With --pool, rounds pick real rows worth labelling instead
+    (or as well: --source both). Kill it any time; `--resume RUN_DIR` continues."""
     from agent.runs import start_run, validated
     from tools.detector import DetectorSettings
     from tools.label_gate import LabelGateSettings
     from tools.rundir import LoopSettings, RunSettings
 
     with one_line_errors():
+        if labels is not None and resume is None:
+            raise ConfigError("--labels goes with --resume RUN_DIR (the run waiting for them)")
         if resume is not None:
             cfg = RunConfig.read(resume)
             run = resume
+            if labels is not None:
+                _record_labels(run, labels, rest_skip=False)
         else:
             if run_dir is None or anchor is None or data is None:
                 raise ConfigError("give --anchor, --data and --run-dir (or --resume RUN_DIR)")
@@ -326,13 +363,90 @@ def improve(
                                    LabelGateSettings, what, judge=label_gate,
                                    reference=_reference(label_reference))),
                 detector=validated(DetectorSettings, "detector options", kind=detector),
+                pool=_pool(pool, source, labeler, strategy, batch, label_budget,
+                           pool_text_field, pool_label_field),
             )
             _check_steer(cfg)
             run = run_dir
             cfg = start_run(run, cfg)
-        state = _run_loop(run, cfg, resume is not None)
+            if cfg.pool is not None and cfg.pool.labeler == "file":
+                out.print(f"labels of picked rows come from {cfg.pool.path}'s "
+                          f"{cfg.pool.label_field!r} column (--labeler file), standing in for "
+                          "a person", soft_wrap=True)
+        try:
+            state = _run_loop(run, cfg, resume is not None)
+        except KeyboardInterrupt:
+            err.print(f"interrupted; what is done is kept: continue with facsynth improve "
+                      f"--resume {run}", soft_wrap=True)
+            raise typer.Exit(130) from None
+    _said_stop(run, state)
+
+
+def _said_stop(run: Path, state: dict[str, Any]) -> None:
+    """One line: where the run stopped, or which file waits for labels."""
+    paused = state.get("__interrupt__")
+    if paused:
+        info = paused[0].value
+        out.print(f"[bold]round {info['round']}: {info['waiting']} of {info['picked']} picked "
+                  f"rows wait for a label[/] in {info['to_label']} (and .jsonl): fill the "
+                  f"label column (0, 1, skip; leave empty for later), then: facsynth label "
+                  f"{run} FILE")
+        return
     out.print(f"[bold]stopped after round {state.get('round')}:[/] {state.get('stop_reason')}; "
               f"FAC {state.get('fac', 0):.3f}. Report: facsynth report {run}")
+
+
+def _pool(path: Path | None, source: str | None, labeler: str, strategy: str, batch: int,
+          budget: int, text_field: str, label_field: str) -> Any:
+    """The pool path's settings from the improve flags (None without --pool)."""
+    from agent.runs import validated
+    from tools.pool.select import SelectSettings
+    from tools.pool.source import PoolSource
+
+    if path is None:
+        if source not in (None, "generate"):
+            raise ConfigError(f"--source {source} needs --pool FILE (the rows to pick from)")
+        return None
+    if source == "generate":
+        raise ConfigError("--pool with --source generate: the pool would never be used; give "
+                          "--source pool or both")
+    what = "pool options"
+    return validated(PoolSource, what, path=str(path), source=source or "pool",
+                     labeler=labeler, budget=budget, text_field=text_field,
+                     label_field=label_field,
+                     select=validated(SelectSettings, what, strategy=strategy, batch=batch))
+
+
+def _record_labels(run: Path, file: Path, rest_skip: bool) -> None:
+    from agent.pool_labels import add_labels
+
+    got = add_labels(run, file=file, rest_skip=rest_skip)
+    err.print(f"round {got.round}: {got.labelled} labels and {got.skipped} skips recorded"
+              + (f", {got.ignored} rows left for later" if got.ignored else "")
+              + f"; {got.waiting} rows still waiting")
+
+
+@app.command()
+def label(
+    run_dir: Annotated[Path, typer.Argument(help="a pool run waiting for labels")],
+    file: Annotated[Path, typer.Argument(help="the to-label file with its label column "
+                                         "filled in (0, 1, skip; empty: later)")],
+    rest_skip: Annotated[bool, typer.Option(
+        "--rest-skip", help="skip every row still without a label, so the round goes on")
+    ] = False,
+) -> None:
+    """Record a person's labels for a paused pool run and continue it: it retrains on them
+    and picks the next round's rows (or asks again for rows still waiting)."""
+    with one_line_errors():
+        cfg = RunConfig.read(run_dir)
+        _record_labels(run_dir, file, rest_skip)
+        try:
+            state = _run_loop(run_dir, cfg, True)
+        except KeyboardInterrupt:
+            err.print(f"interrupted; the labels are kept: continue with facsynth improve "
+                      f"--resume {run_dir}", soft_wrap=True)
+            raise typer.Exit(130) from None
+    _said_stop(run_dir, state)
 
 
 def _share(value: str | None) -> dict[str, Any]:
@@ -387,7 +501,11 @@ def _run_loop(run: Path, cfg: RunConfig, resuming: bool) -> dict[str, Any]:
         gain = f" ({rec.fac - prev['fac']:+.3f})" if "fac" in prev else ""
         metric = f", {rec.metric.label} {rec.metric.value:.3f}" if rec.metric else ""
         made = (f", kept {rec.kept}/{rec.generated} (hit {rec.hit_rate:.0%}, "
-                f"{rec.disputed} label-disputed)" if rec.round else "")
+                f"{rec.disputed} label-disputed)" if rec.round and rec.generated else "")
+        if rec.picked:
+            made += (f", labelled {rec.labelled}/{rec.picked} picked pool rows "
+                     f"({rec.positives} positive, {rec.labels_total} labels in all, by "
+                     f"{rec.labeler})")
         out.print(f"round {rec.round}: FAC {rec.fac:.3f}{gain} (graded {rec.fac_graded:.3f}), "
                   f"{rec.n_missing} missing{made}"
                   f"{metric}, {rec.n_train} rows  [{time.monotonic() - started:.0f}s]")

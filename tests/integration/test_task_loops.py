@@ -28,6 +28,10 @@ pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DEMO = {"reward": EXAMPLES / "reward_pairs.jsonl",
         "steering": EXAMPLES / "steering_sycophancy.jsonl"}
+ANCHOR_ROWS = {"reward": 48, "steering": 20}
+"""Demo rows each test's anchor holds: every CAA fit and metric runs the whole model over
+each steering question in both orders, so steering runs on the smallest slice that still
+has a seed, a pool and an eval split."""
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +47,20 @@ def _seed(tmp_path: Path, task: str, n: int = 10) -> Path:
     return path
 
 
+def _anchor(tmp_path: Path, task: str) -> Path:
+    """The demo file's first ANCHOR_ROWS[task] rows (the seed's rows are among them)."""
+    path = tmp_path / f"{task}_anchor.jsonl"
+    lines = DEMO[task].read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:ANCHOR_ROWS[task]]))
+    return path
+
+
 @pytest.mark.parametrize("task", sorted(DEMO))
 def test_improve_runs_a_pair_task(ws: Workspace, tmp_path: Path, task: str) -> None:
     run = tmp_path / "run"
     cfg = start_run(run, RunConfig(
-        task=task, anchor=str(DEMO[task]), data=str(_seed(tmp_path, task)), relevance="label",
+        task=task, anchor=str(_anchor(tmp_path, task)), data=str(_seed(tmp_path, task)),
+        relevance="label",
         loop=LoopSettings(max_rounds=1, top=3, per_feature=3, budget=12, describe="spans",
                           epsilon=0.0)))
     state = run_loop(run, cfg, False, workspace=ws, llm=PairEchoLLM())
@@ -94,7 +107,7 @@ def test_compare_runs_a_pair_task(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     settings = CompareSettings(task=task, methods=list(PAIR_METHODS), budget=2, seeds=2,
                                seed_frac=0.3, rounds=1, top=3, request_factor=6,
                                loop={"describe": "spans"})
-    result = run_compare(DEMO[task], settings, work=tmp_path / "w")
+    result = run_compare(_anchor(tmp_path, task), settings, work=tmp_path / "w")
     assert result.task == task and result.metric == get_task(task).headline
     methods = result.methods
     assert set(methods) == set(PAIR_METHODS)
@@ -117,18 +130,20 @@ def test_mcp_tools_take_the_task(ws: Workspace, tmp_path: Path, task: str) -> No
     from agent.chat import make_tools, system_prompt
     from agent.toolbox import Toolbox
     from tests.unit.test_mcp_server import call, ok
+    from tests.unit.test_mcp_server import done as finish_job
 
     root = tmp_path / "root"
     root.mkdir()
-    shutil.copy(DEMO[task], root / "anchor.jsonl")
+    shutil.copy(_anchor(tmp_path, task), root / "anchor.jsonl")
     shutil.copy(_seed(tmp_path, task), root / "seed.jsonl")
     box = Toolbox(Settings(), root, workspace=ws, llm=PairEchoLLM())
     args = {"anchor": "anchor.jsonl", "data": "seed.jsonl", "task": task}
     cov = ok(call(box, "coverage", args)[0])
-    pairs = len(DEMO[task].read_text().splitlines())
+    pairs = ANCHOR_ROWS[task]
     assert 0 <= cov["fac"] <= 1 and cov["n_anchor"] == 2 * pairs  # two sides per pair
     ok(call(box, "missing_features", args)[0])
-    done = ok(call(box, "improve", {**args, "run_dir": "runs/r", "budget": 6, "top": 2})[0])
+    done, _ = finish_job(box, ok(call(box, "improve", {**args, "run_dir": "runs/r",
+                                                      "budget": 6, "top": 2})[0]))
     assert [r["round"] for r in done["rounds"]] == [0, 1]
     assert done["rounds"][0]["metric_name"] == get_task(task).headline
     prompt = system_prompt(box, make_tools(box), task)

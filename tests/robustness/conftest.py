@@ -30,7 +30,7 @@ def tiny_parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A scratch working folder holding copies of the demo anchor.jsonl and seed.jsonl, as a
     user's would; FACSYNTH_* cleared and FACSYNTH_HOME a fresh folder beside it."""
-    for name in ("anchor.jsonl", "seed.jsonl"):
+    for name in ("anchor.jsonl", "seed.jsonl", "pool.jsonl"):
         shutil.copy(EXAMPLES / name, tmp_path / name)
     for key in [k for k in os.environ if k.startswith("FACSYNTH_")]:
         monkeypatch.delenv(key)

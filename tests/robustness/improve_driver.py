@@ -2,11 +2,12 @@
 the tiny model, for the kill -9 tests: `python -m tests.robustness.improve_driver RUN MODEL SAE
 BACKEND [KILL]`, started in a folder holding anchor.jsonl and seed.jsonl.
 
-BACKEND is `fake` (the scripted EchoLLM) or `local` (in-process generation on the tiny
-model). KILL is `NODE:ROUND` (SIGKILL the process as that node starts) or `samples:N`
-(SIGKILL it when the generator is asked for sample N+1: generation is made sequential then,
-so exactly N samples are in the journal). Without KILL the run goes to its stop rule; an
-existing run folder is resumed.
+BACKEND is `fake` (the scripted EchoLLM), `local` (in-process generation on the tiny
+model) or `pool` (the pool path: pool.jsonl's rows picked by fac and labelled by the file,
+then `--source both` synthesis by EchoLLM). KILL is `NODE:ROUND` (SIGKILL the process as
+that node starts) or `samples:N` (SIGKILL it when the generator is asked for sample N+1:
+generation is made sequential then, so exactly N samples are in the journal). Without KILL
+the run goes to its stop rule; an existing run folder is resumed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from agent.graph import LoopSettings
 from agent.runs import RunConfig, build_settings, run_loop, start_run
 from memory.feature_memory import InMemoryFeatureMemory
 from tests.fakes import EchoLLM, bag_of_words
+from tools.pool.select import SelectSettings
+from tools.pool.source import PoolSource
 from tools.workspace import Workspace
 
 LOOP = LoopSettings(max_rounds=2, top=3, per_feature=3, budget=100, epsilon=0.0, patience=5)
@@ -71,10 +74,14 @@ def main(run: Path, model: str, sae: str, backend: str, kill: str | None = None)
     if resuming:
         cfg = RunConfig.read(run)
     else:
+        pool = None
+        if backend == "pool":
+            pool = PoolSource(path="pool.jsonl", labeler="file", source="both", budget=8,
+                              select=SelectSettings(batch=4))
         cfg = start_run(run, RunConfig(
             anchor="anchor.jsonl", data="seed.jsonl", relevance="label",
             settings={"model": model, "sae": sae, "generator": "local"},
-            loop=LOOP.model_dump(), detector={"kind": "probe"}))
+            loop=LOOP.model_dump(), detector={"kind": "probe"}, pool=pool))
     run_loop(run, cfg, resuming, workspace=ws, llm=llm, before=before)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import NODES, final_data
+from tests.fakes import final_data
 from tests.robustness.improve_driver import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,11 +57,19 @@ def test_reference_runs_do_synthesise(ws: Path, tiny_parts: dict[str, Path]) -> 
         data = reference(ws, tiny_parts, backend)
         assert data["data/round-1.jsonl"] or data["rejected/round-1.jsonl"], backend
     assert _reference["fake"]["data/round-1.jsonl"], "the echoed spans hit their features"
+    picked = reference(ws, tiny_parts, "pool")
+    assert picked["data/round-1.pool.jsonl"] and picked["data/round-2.pool.jsonl"]
 
 
-CASES = [("fake", f"{node}:{0 if node == 'load' else 1}") for node in NODES] + [
-    ("fake", "samples:2"), ("local", "samples:2"), ("local", "verify:1"),
-    ("local", "generate:2")]
+CASES = [("fake", "load:0"), ("fake", "coverage:1"), ("fake", "generate:1"),
+         ("fake", "samples:2"), ("fake", "verify:1"), ("fake", "evaluate:1"),
+         ("fake", "decide:1"), ("local", "samples:2"), ("pool", "select:1"), ("pool", "label:1"),
+         ("pool", "train:2")]
+"""Kill points: before any checkpoint, and where each kind of file is written (the coverage
+and generation journal, mid-journal, the kept rows, the history, the stop decision), for
+the fake LLM, in-process generation and the pool path (picks, labels, both). Each case is a
+fresh process (about 10 s of imports on 2 cores), so the other nodes, which write nothing
+of their own, are left out."""
 
 
 @pytest.mark.parametrize(("backend", "kill"), CASES)

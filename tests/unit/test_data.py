@@ -317,7 +317,7 @@ def test_text_not_a_string(tmp_path: Path, value: Any) -> None:
 def test_text_type_is_named(tmp_path: Path) -> None:
     msg = load_error(write_jsonl(tmp_path / "d.jsonl", [{"text": 3}]))
     assert "d.jsonl line 1" in msg
-    assert "int" in msg
+    assert "a number, not text" in msg
 
 
 @pytest.mark.parametrize("value", ["", "   ", "\n\t"])

@@ -76,6 +76,24 @@ def ok(result: Any) -> dict[str, Any]:
     return result.structured_content
 
 
+def finish(box: Toolbox, job: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """Wait for a long tool's job through job_result calls: (its final info, progress)."""
+    updates: list[Any] = []
+    while True:
+        result, got = call(box, "job_result", {"job_id": job["job_id"], "wait": 50})
+        info = ok(result)
+        updates += got
+        if info["status"] != "running":
+            return info, updates
+
+
+def done(box: Toolbox, job: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """The result of a long tool's job that must succeed."""
+    info, updates = finish(box, job)
+    assert info["status"] == "done", info
+    return info["result"], updates
+
+
 def error_text(result: Any) -> str:
     assert result.is_error
     return " ".join(getattr(c, "text", "") for c in result.content)
@@ -88,7 +106,9 @@ def test_lists_every_tool_with_bounded_schemas(box: Toolbox) -> None:
 
     tools = {t.name: t for t in anyio.run(go).tools}
     assert set(tools) == {"describe_dataset", "coverage", "missing_features", "search_features",
-                          "explain_feature", "generate_and_verify", "improve", "report"}
+                          "explain_feature", "generate_and_verify", "improve", "report",
+                          "job_status", "job_result", "cancel_job", "list_jobs",
+                          "select_rows", "add_labels"}
     limit = tools["missing_features"].input_schema["properties"]["limit"]
     assert limit["minimum"] == 1 and limit["maximum"] == 200
     assert "ctx" not in tools["coverage"].input_schema["properties"]
@@ -141,24 +161,31 @@ def test_generate_and_verify_then_improve_and_report(box: Toolbox, root: Path) -
     miss = ok(call(box, "missing_features",
                    {"anchor": "anchor.jsonl", "data": "seed.jsonl", "limit": 2})[0])
     features = [f["feature"] for f in miss["features"]]
-    result, updates = call(box, "generate_and_verify", {
+    started, _ = call(box, "generate_and_verify", {
         "anchor": "anchor.jsonl", "data": "seed.jsonl", "features": features,
         "per_feature": 3, "out": "out/synth.jsonl"})
-    gen = ok(result)
+    job = ok(started)
+    assert job["status"] == "running" and job["tool"] == "generate_and_verify"
+    gen, updates = done(box, job)
     assert gen["generated"] == 3 * len(features) == gen["kept"] + gen["rejected"]
     kept = (root / "out" / "synth.jsonl").read_text().splitlines()
     assert len(kept) == gen["kept"]
     rejected = (root / "out" / "synth.rejected.jsonl").read_text().splitlines()
     assert len(rejected) == gen["rejected"] and all("reason" in json.loads(r) for r in rejected)
-    assert updates and updates[-1][0] <= (updates[-1][1] or 0)
+    assert all(u[0] <= (u[1] or u[0]) for u in updates)
 
-    result, updates = call(box, "improve", {
+    started, _ = call(box, "improve", {
         "anchor": "anchor.jsonl", "data": "seed.jsonl", "run_dir": "runs/r1", "rounds": 1,
         "top": 2, "per_feature": 2, "relevance": "label"})
-    imp = ok(result)
+    job = ok(started)
+    assert job["run_dir"] == "runs/r1" and job["resumable"]
+    imp, updates = done(box, job)
     assert [r["round"] for r in imp["rounds"]] == [0, 1] and imp["stop_reason"]
     assert (root / "runs" / "r1" / "data" / "round-1.jsonl").exists()
-    assert any("round 1" in (u[2] or "") for u in updates)
+    status = ok(call(box, "job_status", {"job_id": job["job_id"]})[0])
+    assert status["status"] == "done" and status["round"] == 1 and status["result"] is None
+    listed = ok(call(box, "list_jobs", {})[0])["jobs"]
+    assert job["job_id"] in [j["job_id"] for j in listed]
 
     rep = ok(call(box, "report", {"run_dir": "runs/r1"})[0])
     assert (root / rep["report_path"]).exists() and len(rep["rounds"]) == 2
@@ -192,9 +219,13 @@ def test_invalid_arguments_are_rejected_clearly(box: Toolbox) -> None:
     assert "limit" in text and "greater than or equal to 1" in text
     text = error_text(call(box, "describe_dataset", {"path": "nope.jsonl"})[0])
     assert "no such file" in text
-    text = error_text(call(box, "generate_and_verify", {
-        "anchor": "anchor.jsonl", "data": "seed.jsonl", "features": [99999]})[0])
-    assert "not missing task features" in text
+    failed, _ = finish(box, ok(call(box, "generate_and_verify", {
+        "anchor": "anchor.jsonl", "data": "seed.jsonl", "features": [99999],
+        "out": "unused.jsonl"})[0]))
+    assert failed["status"] == "failed" and "not missing task features" in failed["error"]
+    assert str(box.root) not in failed["error"], "errors name paths inside the root relatively"
+    text = error_text(call(box, "job_status", {"job_id": "nosuchjob"})[0])
+    assert "no job 'nosuchjob'" in text
     text = error_text(call(box, "generate_and_verify", {
         "anchor": "anchor.jsonl", "data": "seed.jsonl", "features": [1], "out": "x.csv"})[0])
     assert "the output must be a .jsonl file" in text

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import prompts
+from tests.tolerance import assert_close_fp32, path_reduction
 from tools.errors import ConfigError, DataError
 from tools.tasks.pairs import PairDataset
 from tools.tasks.reward import RewardTask
@@ -112,7 +113,7 @@ def test_load_jsonl_and_renamed_fields(tmp_path: Path) -> None:
     ({"question": "Yes or no?", "matching": "(A)", "not_matching": "(B)"},
      "line 2: field 'question' lists no options"),
     ({"question": Q_OFF, "matching": "(A)", "not_matching": 2},
-     "line 2: field 'not_matching' is a int"),
+     "line 2: field 'not_matching' is a number, not text"),
 ])
 def test_bad_rows_name_file_line_field(tmp_path: Path, row: dict[str, Any], message: str) -> None:
     path = write_jsonl(tmp_path / "bad.jsonl", [rows(1)[0], row])
@@ -206,14 +207,18 @@ def test_batched_equals_unbatched_steered_or_not(task: SteeringTask) -> None:
     fast = task._log_odds(ps, configs)
     full = task._log_odds(ps, configs, replay=False)
     one = SteeringTask(batch_size=1, lm=lm)._log_odds(ps, configs, replay=False)
-    np.testing.assert_allclose(fast, full, atol=1e-4)
-    np.testing.assert_allclose(fast, one, atol=1e-4)
+    # other batch shapes and padding: the same margins up to fp32 summation order over every
+    # block and the LM head (tests/tolerance.py); the margin's scale includes the steering
+    config = lm.model.config
+    n = path_reduction(config, config.num_hidden_layers, [config.hidden_size])
+    tol = assert_close_fp32(fast, full, n)
+    assert_close_fp32(fast, one, n, scale=float(np.abs(full).max()))
     ref = [reference_margin(lm, p.prefix, p.yes, p.no) for p in ps]
-    np.testing.assert_allclose(fast[0], ref, atol=1e-4)
+    assert_close_fp32(fast[0], ref, n, scale=float(np.abs(full).max()))
     with steered(lm, 1, delta):
         ref_steered = [reference_margin(lm, p.prefix, p.yes, p.no) for p in ps]
-    np.testing.assert_allclose(fast[1], ref_steered, atol=1e-4)
-    assert not np.allclose(fast[0], fast[1], atol=1e-4)  # the steering did something
+    assert_close_fp32(fast[1], ref_steered, n, scale=float(np.abs(full).max()))
+    assert np.abs(fast[0] - fast[1]).max() > 100 * tol  # the steering did something
 
 
 def test_steering_hook_is_removed(task: SteeringTask) -> None:
@@ -241,7 +246,11 @@ def test_states_are_the_layer_outputs_at_the_answer_letter(task: SteeringTask) -
     with torch.no_grad():
         hs = [task.lm.model(torch.tensor([[*p.prefix, a]]), output_hidden_states=True)
               .hidden_states[2][0, -1].numpy() for a in (p.yes, p.no)]
-    np.testing.assert_allclose(diffs[1][0, 1], hs[0] - hs[1], atol=1e-5)  # layer 1 = hs[2]
+    # batched vs one unpadded forward each (layer 1 = hs[2]): fp32 summation order only, in
+    # each of the two states the difference subtracts
+    n = path_reduction(task.lm.model.config, 2)
+    assert_close_fp32(diffs[1][0, 1], hs[0] - hs[1], n,
+                      scale=2 * float(np.abs(np.stack(hs)).max()))
 
 
 def test_fit_is_the_weighted_mean_difference(task: SteeringTask) -> None:

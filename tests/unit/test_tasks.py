@@ -42,9 +42,10 @@ def test_registry_names_and_options() -> None:
 def test_unknown_task_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="unknown task .steer.*toxicity, reward, steering"):
         get_task("steer")
-    with pytest.raises(ConfigError, match="task 'reward'.*colour"):
+    with pytest.raises(ConfigError, match="task 'reward'.*--task-option colour: the reward "
+                       "task has no such option .its options: prompt_chars, c"):
         get_task("reward", colour="red")
-    with pytest.raises(ConfigError, match="c must be > 0"):
+    with pytest.raises(ConfigError, match="--task-option c: input should be greater than 0"):
         get_task("reward", c=0)
 
 
@@ -180,7 +181,8 @@ def test_reward_load_jsonl_csv_and_renamed_fields(tmp_path: Path) -> None:
     ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "line 2: field 'prompt' is empty"),
     ({"prompt": "p", "chosen": None, "rejected": "b"},
      "line 2: field 'chosen' is null.*blank is allowed"),
-    ({"prompt": "p", "chosen": "a", "rejected": 3}, "line 2: field 'rejected' is a int"),
+    ({"prompt": "p", "chosen": "a", "rejected": 3},
+     "line 2: field 'rejected' is a number, not text"),
     ({"prompt": None, "chosen": "a", "rejected": "b"}, "line 2: field 'prompt' is null"),
     ({"prompt": "p", "chosen": "same", "rejected": "same"}, "line 2: .*the same text"),
     ([1, 2], "line 2: expected a JSON object"),

@@ -71,7 +71,8 @@ def test_chat_and_mcp_tools_share_names_descriptions_and_input_schemas(root: Pat
     mcp_tools = mcp(box, "list_tools").tools
     assert [t.name for t in chat_tools] == [t.name for t in mcp_tools] == [
         "describe_dataset", "coverage", "missing_features", "search_features",
-        "explain_feature", "generate_and_verify", "improve", "report"]
+        "explain_feature", "generate_and_verify", "improve", "report", "job_status",
+        "job_result", "cancel_job", "list_jobs", "select_rows", "add_labels"]
     for ours, theirs in zip(chat_tools, mcp_tools, strict=True):
         assert isinstance(ours.args_schema, type)
         assert ours.args_schema.model_json_schema() == theirs.input_schema, ours.name
@@ -89,10 +90,9 @@ def test_chat_and_mcp_tools_share_names_descriptions_and_input_schemas(root: Pat
 def test_registry_flags() -> None:
     by_name = {t.name: t for t in TOOLS}
     assert {n for n, t in by_name.items() if t.confirm} == {"generate_and_verify", "improve"}
-    assert {n for n, t in by_name.items() if t.progress} == {
-        "coverage", "generate_and_verify", "improve"}
+    assert {n for n, t in by_name.items() if t.progress} == {"coverage", "job_result"}
     assert {n for n, t in by_name.items() if t.writes} == {
-        "generate_and_verify", "improve", "report"}
+        "generate_and_verify", "improve", "report", "cancel_job", "select_rows", "add_labels"}
 
 
 def test_bad_arguments_to_a_method_are_a_usage_error(root: Path) -> None:

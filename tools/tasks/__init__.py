@@ -13,6 +13,13 @@ from typing import Any
 from tools.data import TextDataset
 from tools.errors import ConfigError
 from tools.tasks.base import Contrast, Features, Task, workspace_features
+from tools.tasks.options import (
+    RewardOptions,
+    SteeringOptions,
+    TaskOptions,
+    ToxicityOptions,
+    check_options,
+)
 from tools.tasks.pairs import PairDataset
 from tools.tasks.reward import BradleyTerryHead, PairSplit, RewardTask
 from tools.tasks.steering import CaaVector, SteeringTask
@@ -26,15 +33,21 @@ TASKS: dict[str, Callable[..., Task[Any, Any]]] = {
 """Task name -> its class; keyword options configure it (e.g. RewardTask(c=0.05))."""
 
 
+OPTIONS: dict[str, type[TaskOptions]] = {
+    ToxicityTask.name: ToxicityOptions,
+    RewardTask.name: RewardOptions,
+    SteeringTask.name: SteeringOptions,
+}
+"""Task name -> the model of its user-facing options (tools/tasks/options.py)."""
+
+
 def get_task(name: str, **options: Any) -> Task[Any, Any]:
-    """The task called `name`, built with `options`; a ConfigError names the known ones."""
+    """The task called `name`, built with `options` (checked by the task's options model:
+    a ConfigError names a bad or unknown option, or the known tasks)."""
     make = TASKS.get(name)
     if make is None:
         raise ConfigError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
-    try:
-        return make(**options)
-    except TypeError as exc:  # an option the task does not have
-        raise ConfigError(f"task {name!r}: {exc}") from exc
+    return make(**check_options(name, OPTIONS[name], options))
 
 
 def probe_dataset(task: str, source: str | Path, *, fields: Mapping[str, str] | None = None,

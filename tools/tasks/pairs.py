@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from tools.data import json_kind
 from tools.errors import ConfigError, DataError
 from tools.verify import Sample
 
@@ -207,3 +208,25 @@ class StagedWriter:
         if not all(replies) or replies[0] == replies[1]:
             return ""
         return str(self.task.assemble(message, replies[0], replies[1], seed))
+
+
+def row_text(where: str, row: Mapping[str, Any], name: str, fields: Sequence[str], *,
+             blank: bool = False) -> str:
+    """The row's string field `name` (a pair row needs `fields`); empty or whitespace-only
+    only when `blank`. A missing or wrong field is a DataError naming the file, line and
+    field, and how to rename columns (--field)."""
+    if name not in row:
+        raise DataError(f"{where}: no field '{name}' (fields present: "
+                        f"{', '.join(row) or 'none'}); a pair needs {', '.join(fields)} "
+                        f"(rename a column with --field, e.g. --field {fields[0]}=COLUMN)")
+    value = row[name]
+    if isinstance(value, str) and (blank or value.strip()):
+        return value
+    if value is None:
+        what = "null"
+    elif isinstance(value, str):
+        what = "empty or whitespace-only"
+    else:
+        what = f"{json_kind(value)}, not text"
+    text = "text (blank is allowed)" if blank else "non-empty text"
+    raise DataError(f"{where}: field '{name}' is {what}; put {text} there or remove the row")

@@ -25,7 +25,8 @@ import numpy as np
 from tools.data import read_rows
 from tools.errors import ConfigError, DataError
 from tools.tasks.base import Contrast, Features, check_fields
-from tools.tasks.pairs import PairDataset, PairTask, pair_weights
+from tools.tasks.options import RewardOptions, check_options
+from tools.tasks.pairs import PairDataset, PairTask, pair_weights, row_text
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,7 @@ class RewardTask(PairTask):
     c: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.prompt_chars < 0:
-            raise ConfigError(f"prompt_chars must be >= 0, got {self.prompt_chars}")
-        if not self.c > 0:
-            raise ConfigError(f"c must be > 0, got {self.c}")
+        check_options(self.name, RewardOptions, {"prompt_chars": self.prompt_chars, "c": self.c})
 
     # -- rows ---------------------------------------------------------------------------
     def load(self, source: str | Path, *, fields: Mapping[str, str] | None = None,
@@ -94,8 +92,9 @@ class RewardTask(PairTask):
         chosen: list[str] = []
         rejected: list[str] = []
         for where, row in read_rows(source, list(f.values())):
-            p = _text(where, row, f["prompt"])
-            c, r = (_text(where, row, f[k], blank=True) for k in ("chosen", "rejected"))
+            p = row_text(where, row, f["prompt"], self.fields)
+            c, r = (row_text(where, row, f[k], self.fields, blank=True)
+                    for k in ("chosen", "rejected"))
             if c == r:
                 raise DataError(f"{where}: fields '{f['chosen']}' and '{f['rejected']}' are "
                                 "the same text; a pair needs two different responses")
@@ -268,21 +267,3 @@ class RewardTask(PairTask):
 
 _ROW = re.compile(r"Human:\s*(.+?)\n\s*Better reply:\s*(.+?)\n\s*Worse reply:\s*(.+?)\s*$",
                   re.DOTALL | re.IGNORECASE)
-
-
-def _text(where: str, row: Mapping[str, Any], name: str, blank: bool = False) -> str:
-    """The row's string field `name`; empty or whitespace-only only when `blank`."""
-    if name not in row:
-        raise DataError(f"{where}: no field '{name}' (fields present: "
-                        f"{', '.join(row) or 'none'}); a pair needs prompt, chosen and "
-                        "rejected (rename with fields=)")
-    value = row[name]
-    if isinstance(value, str) and (blank or value.strip()):
-        return value
-    what = f"a {type(value).__name__}, not a string"
-    if value is None:
-        what = "null"
-    elif isinstance(value, str):
-        what = "empty or whitespace-only"
-    text = "text (blank is allowed)" if blank else "non-empty text"
-    raise DataError(f"{where}: field '{name}' is {what}; put {text} there or remove the row")

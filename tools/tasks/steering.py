@@ -35,7 +35,6 @@ suffix of its layers), so do not run other work on the same model at the same ti
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -47,7 +46,15 @@ import numpy as np
 from tools.data import read_rows
 from tools.errors import ConfigError, DataError
 from tools.tasks.base import Contrast, Features, check_fields
-from tools.tasks.pairs import PairDataset, PairTask, load_arrays, pair_weights, save_arrays
+from tools.tasks.options import SteeringOptions, check_options
+from tools.tasks.pairs import (
+    PairDataset,
+    PairTask,
+    load_arrays,
+    pair_weights,
+    row_text,
+    save_arrays,
+)
 from tools.tasks.reward import PairSplit, RewardTask
 
 if TYPE_CHECKING:
@@ -250,14 +257,9 @@ class SteeringTask(PairTask):
     lm: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.layer is not None and self.layer < 0:
-            raise ConfigError(f"layer must be >= 0, got {self.layer}")
-        if not math.isfinite(self.multiplier):
-            raise ConfigError(f"multiplier must be a finite number, got {self.multiplier}")
-        if self.prompt_chars < 0:
-            raise ConfigError(f"prompt_chars must be >= 0, got {self.prompt_chars}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_options(self.name, SteeringOptions, {
+            "layer": self.layer, "multiplier": self.multiplier,
+            "prompt_chars": self.prompt_chars, "batch_size": self.batch_size})
 
     def bind(self, ws: Workspace) -> SteeringTask:
         """This task on the workspace's language model (loads it)."""
@@ -274,7 +276,7 @@ class SteeringTask(PairTask):
         chosen: list[str] = []
         rejected: list[str] = []
         for where, row in read_rows(source, list(f.values())):
-            q, m, n = (_text(where, row, f[k]) for k in self.fields)
+            q, m, n = (row_text(where, row, f[k], self.fields) for k in self.fields)
             problem = check_pair(q, m, n)
             if problem is not None:
                 raise DataError(f"{where}: field '{f[problem[0]]}' {problem[1]}; fix or "
@@ -691,19 +693,3 @@ def _scores(zero: np.ndarray, plus: np.ndarray, minus: np.ndarray, n: int) -> di
     return {"scr": a_plus - a_minus, "acc_plus": a_plus, "acc_minus": a_minus,
             "acc_zero": acc(zero), "p_plus": prob(plus), "p_minus": prob(minus),
             "p_zero": prob(zero), "n": float(n)}
-
-
-def _text(where: str, row: Mapping[str, Any], name: str) -> str:
-    """The row's non-empty string field `name`."""
-    if name not in row:
-        raise DataError(f"{where}: no field '{name}' (fields present: "
-                        f"{', '.join(row) or 'none'}); a steering pair needs question, "
-                        "matching and not_matching (rename with fields=)")
-    value = row[name]
-    if isinstance(value, str) and value.strip():
-        return value
-    what = "null" if value is None else (
-        "empty or whitespace-only" if isinstance(value, str)
-        else f"a {type(value).__name__}, not a string")
-    raise DataError(f"{where}: field '{name}' is {what}; put non-empty text there or "
-                    "remove the row")

@@ -54,15 +54,20 @@ class ToxicityTask:
         """Stratified by label, near-duplicate texts on one side (tools/splits.py)."""
         from tools.splits import stratified_split
 
-        return stratified_split(_labels(data, "split"), frac, seed, texts=data.texts)
+        return stratified_split(_labels(data, "split"), frac, seed, texts=data.texts,
+                                what=data.source)
 
     def fit(self, train: TextDataset, features: Features, *, seed: int = 0,
             synthetic: Sequence[bool] | None = None,
-            synthetic_share: float | None = None) -> Detector:
+            synthetic_share: float | None = None,
+            row_scale: Sequence[float] | np.ndarray | None = None) -> Detector:
+        """`row_scale` multiplies each row's training weight (e.g. SynAlign's re-weighting
+        of synthetic rows)."""
         return fit_detector(
             self.detector, list(train.texts), _labels(train, "train a detector"),
             features=self._features(train, features), model_folder=self.model_folder,
-            seed=seed, device=self.device, synthetic=synthetic, synthetic_share=synthetic_share)
+            seed=seed, device=self.device, synthetic=synthetic, synthetic_share=synthetic_share,
+            row_scale=row_scale)
 
     def scores(self, model: Detector, data: TextDataset, features: Features) -> np.ndarray:
         """[n] the detector's probability that each text is toxic."""
