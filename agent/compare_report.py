@@ -94,13 +94,22 @@ def curve_table(result: CompareResult) -> Table:
     return t
 
 
+def shown(result: CompareResult) -> tuple[list[str], list[list[str]]]:
+    """(columns, rows) without the columns no method fills (a pool compare without
+    synthesis has no hit rates)."""
+    head, body = list(columns(result)), rows(result)
+    keep = [i for i, c in enumerate(head) if c == "method" or any(r[i] for r in body)]
+    return [head[i] for i in keep], [[r[i] for i in keep] for r in body]
+
+
 def table(result: CompareResult) -> Table:
     t = Table(title=f"compare: {result.task} task, {label(result)} x 100 ({result.protocol} "
                     f"protocol, reference {result.reference}, {result.settings.seeds} seeds, "
                     f"kept per seed {result.kept})")
-    for c in columns(result):
+    head, body = shown(result)
+    for c in head:
         t.add_column(c, justify="left" if c == "method" else "right")
-    for r in rows(result):
+    for r in body:
         t.add_row(*r)
     return t
 
@@ -135,9 +144,10 @@ def plot_png(result: CompareResult) -> bytes:
 
 def html_report(result: CompareResult) -> str:
     esc = html.escape
-    head = "".join(f"<th>{esc(c)}</th>" for c in columns(result))
+    cols, cells = shown(result)
+    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>"
-                   for r in rows(result))
+                   for r in cells)
     png = base64.b64encode(plot_png(result)).decode()
     curve = ""
     if picks(result):

@@ -57,8 +57,9 @@ class LoopState(TypedDict, total=False):
 def decide(state: LoopState, loop: LoopSettings, pool: PoolSource | None = None
            ) -> str | None:
     """Why the run stops after this round, or None to go on. The pool path stops on its own
-    rules (labels spent, no row left to pick), not on FAC: a round of real labels is worth
-    having whether or not it moves coverage."""
+    rules (labels spent, no row left to pick, max rounds), not on FAC or the eval metric's
+    patience: a round of real labels is worth having whether or not it moves coverage or a
+    small eval set's metric, and the person labelling decides when to stop."""
     r = state.get("round", 0)
     if pool is not None:
         if state.get("picked_total", 0) >= pool.budget:
@@ -75,7 +76,7 @@ def decide(state: LoopState, loop: LoopSettings, pool: PoolSource | None = None
     if state.get("generated_total", 0) >= loop.budget:
         return f"sample budget ({loop.budget}) spent"
     scores = [s for s in state.get("metric", []) if s is not None]
-    if len(scores) > loop.patience:
+    if pool is None and len(scores) > loop.patience:
         best_before = max(scores[: -loop.patience])
         if max(scores[-loop.patience :]) <= best_before:
             return f"the eval metric has not improved for {loop.patience} round(s)"

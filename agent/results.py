@@ -183,6 +183,15 @@ class RoundInfo(BaseModel):
                    stop_reason=rec.stop_reason)
 
 
+class WaitingRow(BaseModel):
+    """A pool row waiting for a person's label (the pool path)."""
+
+    row: int = Field(description="its id: give it to add_labels")
+    text: str
+    fills: str = Field("", description="the task features it fills, with their summaries")
+    score: float | None = Field(None, description="the current model's score (1 = harmful)")
+
+
 class ImproveResult(BaseModel):
     run_dir: str
     rounds: list[RoundInfo]
@@ -192,6 +201,8 @@ class ImproveResult(BaseModel):
     seconds: float
     waiting_for_labels: str | None = Field(
         None, description="the pool path: the run paused for labels; the to-label file")
+    to_label: list[WaitingRow] = Field(default_factory=list, description="the rows waiting "
+                                       "for a label (at most 50 shown)")
     next: str
 
 

@@ -25,6 +25,7 @@ from agent.results import (
     RoundInfo,
     RunReport,
     SampleInfo,
+    WaitingRow,
 )
 from agent.tool_args import (
     Anchor,
@@ -271,11 +272,12 @@ class RunTools(ToolboxBase):
         history = History.load(run)
         infos = [RoundInfo.of(r) for r in history.rounds]
         paused = state.get("__interrupt__")
+        waiting = self._waiting(run) if paused else None
         return ImproveResult(
             run_dir=self.sandbox.rel(run), rounds=infos,
             fac_start=infos[0].fac if infos else 0.0, fac_end=infos[-1].fac if infos else 0.0,
             stop_reason=state.get("stop_reason"), seconds=round(time.monotonic() - started, 1),
-            waiting_for_labels=self._waiting(run) if paused else None,
+            waiting_for_labels=waiting, to_label=self._waiting_rows(run) if waiting else [],
             next=(f"add_labels(run_dir={self.sandbox.rel(run)!r}, labels=FILE) with the rows "
                   "of the to-label file filled in" if paused else
                   f"report(run_dir={self.sandbox.rel(run)!r}) writes the HTML report"),
@@ -290,6 +292,17 @@ class RunTools(ToolboxBase):
     def _waiting(self, run: Path) -> str | None:
         """The pool path's newest to-label file, when the run waits for labels."""
         return None
+
+    def _waiting_rows(self, run: Path, limit: int = 50) -> list[WaitingRow]:
+        """The rows of the newest to-label file (the chat asks the user about each)."""
+        from tools.pool.labels import ToLabel
+        from tools.rundir import read_samples
+
+        files = sorted((run / "to-label").glob("round-*.jsonl"),
+                       key=lambda p: int(p.name.split(".")[0].split("-")[1]))
+        rows = read_samples(files[-1], ToLabel) if files else []
+        return [WaitingRow(row=r.row, text=clip(r.text, 400), fills=clip(r.fills, 300),
+                           score=r.score) for r in rows[:limit]]
 
     @validate_call
     def report(self, run_dir: RunDir) -> RunReport:

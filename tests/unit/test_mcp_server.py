@@ -292,3 +292,41 @@ def test_stdio_subprocess_round_trip(root: Path) -> None:
     tools, result = anyio.run(go)
     assert "describe_dataset" in {t.name for t in tools.tools}
     assert not result.is_error and result.structured_content["rows"] == 7
+
+
+def test_select_rows_then_add_labels_round_trip(box: Toolbox, root: Path) -> None:
+    """The pool path over MCP: select_rows pauses for labels (a job whose result names the
+    to-label file), add_labels records a list of answers and continues it, rest_skip lets a
+    round go on without the rest; nothing already labelled is asked again."""
+    pool = [(f"how do i hurt the {w} and get away" if i % 2 else f"a recipe with {w}", i % 2)
+            for i, w in enumerate(["cat", "dog", "bread", "soup", "fox", "owl", "tea", "rice"])]
+    write_jsonl(root / "pool.jsonl", pool)
+    started = ok(call(box, "select_rows", {
+        "anchor": "anchor.jsonl", "data": "seed.jsonl", "pool": "pool.jsonl",
+        "run_dir": "runs/pool", "batch": 2, "label_budget": 4, "rounds": 3})[0])
+    assert started["tool"] == "select_rows" and started["status"] == "running"
+    first, _ = done(box, started)
+    assert first["waiting_for_labels"] == "runs/pool/to-label/round-1.csv"
+    rows = [json.loads(x)["row"] for x in (root / "runs/pool/to-label/round-1.jsonl")
+            .read_text().splitlines()]
+    assert len(rows) == 2
+    # one answer now: the round still waits for the other row, no job is started
+    half = ok(call(box, "add_labels", {"run_dir": "runs/pool",
+                                       "labels": [{"row": rows[0], "label": 1}]})[0])
+    assert half["added"]["labelled"] == 1 and half["added"]["waiting"] == 1
+    assert half["job"] is None and "still wait" in half["next"]
+    text = error_text(call(box, "add_labels", {"run_dir": "runs/pool",
+                                               "labels": [{"row": rows[0], "label": 0}]})[0])
+    assert f"row {rows[0]} is not waiting" in text, "a labelled row is not asked again"
+    rest = ok(call(box, "add_labels", {"run_dir": "runs/pool",
+                                       "labels": [{"row": rows[1], "label": None}]})[0])
+    assert rest["added"]["skipped"] == 1 and rest["job"]["tool"] == "add_labels"
+    second, _ = done(box, rest["job"])
+    assert second["waiting_for_labels"] == "runs/pool/to-label/round-2.csv"
+    again = [json.loads(x)["row"] for x in (root / "runs/pool/to-label/round-2.jsonl")
+             .read_text().splitlines()]
+    assert not set(again) & set(rows)
+    last = ok(call(box, "add_labels", {"run_dir": "runs/pool", "rest_skip": True})[0])
+    final, _ = done(box, last["job"])
+    assert final["waiting_for_labels"] is None and "label budget" in final["stop_reason"]
+    assert [r["round"] for r in final["rounds"]] == [0, 1, 2]

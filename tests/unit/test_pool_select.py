@@ -87,17 +87,21 @@ def test_fac_covers_deficits_weighted_by_score() -> None:
     assert {p.row for p in got} & {1, 2} and 3 in rows(got)
     assert all(p.fills for p in got)
     # with the score weighing in, the higher-scored f1 row comes first
-    weighted = pick(v, SelectSettings(relevance="labels", min_rows=1, score_power=2.0), 2)
+    weighted = pick(v, SelectSettings(relevance="labels", min_rows=1, score_power=2.0,
+                                      certainty_power=0), 2)
     assert weighted[0].row == 1 and weighted[0].fills == [1]
 
 
 def test_fac_counts_deficits_down_then_falls_back() -> None:
     v = view(SCORES, task=[1])
-    got = pick(v, SelectSettings(relevance="labels", min_rows=1), 4)
+    got = pick(v, SelectSettings(relevance="labels", min_rows=1, certainty_power=0), 4)
     assert got[0].fills == [1] and got[0].row == 1, "the highest-scored row firing f1"
+    # with doubt weighed in: 0.6 * 0.4^0.5 > 0.8 * 0.2^0.5, the less certain f1 row first
+    assert pick(v, SelectSettings(relevance="labels", min_rows=1), 1)[0].row == 2
     assert all(not p.fills for p in got[1:]), "f1 needs one row: the rest by the fallback"
     assert rows(got)[1:] == [3, 5, 2], "uncertainty: nearest 0.5 first"
-    by_score = pick(v, SelectSettings(relevance="labels", min_rows=1, fallback="top-score"), 4)
+    by_score = pick(v, SelectSettings(relevance="labels", min_rows=1, fallback="top-score",
+                                      certainty_power=0), 4)
     assert rows(by_score) == [1, 0, 2, 3]
 
 

@@ -68,10 +68,12 @@ class SelectSettings(BaseModel):
                              "pool rate times the labelled set's size, if more")
     score_power: float = Field(1.0, ge=0, description="fac: weight of the model's score in "
                                "the pick (0: coverage alone)")
-    certainty_power: float = Field(0.0, ge=0, description="fac: weight of the model's doubt "
-                                   "(1 - score) in the pick; with score_power, a pick's weight "
-                                   "is p^score_power * (1 - p)^certainty_power (both 1: rows "
-                                   "near the boundary; 0: only the score)")
+    certainty_power: float = Field(
+        0.5, ge=0, description="fac: weight of the model's doubt (1 - score) in the pick; with "
+        "score_power, a pick's weight is p^score_power * (1 - p)^certainty_power (both 1: "
+        "rows near the boundary; 0: only the score). 0.5 on the ToxicChat dev split (10 "
+        "seeds): as good as 0 on ToxicChat and 2-5 AUPRC better on ConvAbuse "
+        "(bench/README.md)")
     fallback: Literal["uncertainty", "top-score"] = Field(
         "uncertainty", description="fac: how the rest of a batch is picked once no candidate "
         "fills a deficit")
