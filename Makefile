@@ -42,9 +42,10 @@ lint: setup
 test: lint
 	$(BIN)/pytest -q
 
-# day-to-day: the unit tests only (seconds to a couple of minutes; no real model, no vLLM)
+# day-to-day: the unit and robustness tests not marked slow (no embedded model, no vLLM,
+# no kill -9 runs; a few minutes)
 test-fast: setup
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q -m "not slow and not integration" tests/unit tests/robustness
 
 bench: setup
 	$(BIN)/python bench/probe.py

@@ -43,6 +43,7 @@ from tools.label_gate import (
 from tools.models import resolve_model_source
 from tools.pool.labels import PoolPick
 from tools.pool.select import SelectSettings
+from tools.pool.source import PoolSource
 from tools.probe import Progress
 from tools.relevance import Relevance
 from tools.rundir import Metric
@@ -79,9 +80,11 @@ class Engine:
         *, detector: DetectorSettings | None = None, relevance: Relevance = "label",
         seed: int = 0, progress: ProgressFor | None = None,
         describe: Literal["llm", "spans"] = "llm", pool: TextDataset | None = None,
+        pool_source: PoolSource | None = None,
     ) -> None:
         self.ws = ws
-        self.pool = pool
+        self.pool = pool  # the pool's rows (None with the ray engine: they are streamed)
+        self.pool_source = pool_source
         self.anchor = anchor
         self.eval_set = eval_set
         self.llm = llm
@@ -240,10 +243,10 @@ class Engine:
     # -- the pool path (agent/pool_select.py) ----------------------------------------------
     @cached_property
     def _selector(self) -> PoolSelector:
-        if self.pool is None:
+        if self.pool is None and self.pool_source is None:
             raise ValueError("this run has no pool")
         folder = self._model_folder() if self.detector.kind == "lora" else None
-        return PoolSelector(self.ws, self.anchor, self.pool, folder)
+        return PoolSelector(self.ws, self.anchor, self.pool, folder, self.pool_source)
 
     def select(self, rows: Rows, model_dir: Path, settings: SelectSettings, n: int,
                taken: set[int], seed: int) -> list[PoolPick]:

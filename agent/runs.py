@@ -181,13 +181,16 @@ def load_run_inputs(cfg: RunConfig) -> tuple[Any, Any, Any]:
 
 def load_pool(cfg: RunConfig) -> Any:
     """The run's pool rows (None without a pool): texts, and labels only for the file
-    labeler (a pool's label column is never read otherwise)."""
+    labeler (a pool's label column is never read otherwise). The ray engine streams the
+    pool instead (agent/pool_select.py): None, unless the file labeler needs its labels."""
     from tools.data import load_texts
 
     if cfg.pool is None:
         return None
     p = cfg.pool
     by_file = p.labeler == "file"
+    if p.engine == "ray" and not by_file:
+        return None
     pool = load_texts(p.path, text_field=p.text_field, label_field=p.label_field,
                       require_labels=by_file)
     if not by_file:
@@ -237,7 +240,8 @@ def loop_graph(
             if cfg.task == "toxicity":
                 engine = Engine(ws, anchor, ev, llm, detector=cfg.detector,
                                 relevance=cfg.relevance, seed=cfg.loop.seed,
-                                progress=progress, describe=cfg.loop.describe, pool=pool)
+                                progress=progress, describe=cfg.loop.describe, pool=pool,
+                                pool_source=cfg.pool)
             else:
                 engine = PairEngine(ws, run_task(cfg), anchor, ev, llm,
                                     relevance=cfg.relevance, seed=cfg.loop.seed,

@@ -11,7 +11,9 @@ On the embedded model and SAE, in one run:
     and it skips what is done);
 (c) per size, in a fresh subprocess: coverage of the pool's first SIZE rows against the
     anchor (`measure_coverage`: the anchor probed locally, through the cache; the data
-    side streamed over the shards), its wall time and the process's peak RSS; then the
+    side streamed over the shards), then one pool-path round's selection over the same
+    rows (`select_streamed`: fac picks 100, streamed), their wall times and the process's
+    peak RSS (coverage + selection); then the
     slope of peak RSS per row, and the data side's time per stored row (it reads every
     stored row, keeping those of the size asked for).
 
@@ -35,11 +37,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tools.data import load_texts
+from tools.data import TextDataset, load_texts
 from tools.settings import Settings
+
+if TYPE_CHECKING:
+    from tools.coverage import Coverage
+    from tools.probe import ProbeResult
+    from tools.shards import ShardSet
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/toxicity"
 
@@ -88,8 +96,8 @@ def rate_ray(pool: Path, settings: Settings, args: argparse.Namespace) -> tuple[
 def measure_coverage(size: int, work: Path, anchor_file: Path,
                      settings: Settings) -> dict[str, float]:
     """Coverage of the pool's first `size` rows against the anchor, the data side streamed
-    over the shards: what `facsynth coverage --engine ray` computes. (Selection over the
-    same rows belongs beside this function.)"""
+    over the shards: what `facsynth coverage --engine ray` computes; then one round's
+    selection over the same rows (`select_streamed`)."""
     from tools.shards import ShardSet, active_row_counts, measure_shards, text_keys
     from tools.workspace import Workspace
 
@@ -105,10 +113,51 @@ def measure_coverage(size: int, work: Path, anchor_file: Path,
     start = time.perf_counter()  # the data side alone, again: what grows with the pool
     active_row_counts(shards, result.thresholds, settings.activity_rule(), keys=text_keys(texts))
     data_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    picked = select_streamed(texts, shards, anchor, anchor_acts, result, settings)
+    select_seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return {"size": size, "seconds": seconds, "data_seconds": data_seconds,
+            "select_seconds": select_seconds, "picked": picked,
             "stored": shards.n_stored(), "peak_rss_gb": peak, "fac": result.report.fac,
             "fac_graded": result.report.fac_graded, "n_data": result.report.n_data}
+
+
+def select_streamed(texts: list[str], shards: ShardSet, anchor: TextDataset,
+                    anchor_acts: ProbeResult, measured: Coverage, settings: Settings,
+                    n: int = 100) -> int:
+    """What one pool-path round does on the ray engine: `fac` picks `n` rows streamed over
+    the shards (tools/pool/stream.py), scored by a probe detector fitted on the anchor's
+    pooled residuals, the anchor as the labelled side; the candidates' texts read back from
+    the pool file by row. Returns how many rows it picked."""
+    from sklearn.linear_model import LogisticRegression
+
+    from tools.coverage import activity
+    from tools.pool.select import SelectSettings
+    from tools.pool.stream import Labelled, OpenRows, shard_chunks, stream_pick
+    from tools.shards import text_keys
+    from tools.verify import NearDuplicates
+
+    pooled = anchor_acts.pooled()
+    labels = np.asarray(anchor.labels, dtype=int)
+    clf = LogisticRegression(C=0.1, max_iter=2000).fit(pooled, labels)
+    rule = settings.activity_rule()
+    thresholds = measured.thresholds
+    lab = Labelled(active=activity(anchor_acts, rule, thresholds).tocsr(), pooled=pooled,
+                   labels=labels, task=np.asarray(measured.task))
+    open_rows = OpenRows.of(text_keys(texts), set())
+
+    def texts_of(rows: np.ndarray) -> list[str]:
+        return [texts[int(r)] for r in rows]
+
+    def score(x: np.ndarray) -> np.ndarray:
+        return np.asarray(clf.predict_proba(x)[:, 1])
+
+    seen = NearDuplicates(0.8)
+    seen.add_all(anchor.texts)
+    got = stream_pick(lambda: shard_chunks(shards, open_rows, thresholds, rule, score),
+                      lab, SelectSettings(strategy="fac"), n, texts_of, seen, scored=True)
+    return len(got)
 
 
 def coverage_in_subprocess(size: int, args: argparse.Namespace) -> dict[str, float]:
@@ -175,6 +224,7 @@ def main() -> None:
         r = coverage_in_subprocess(size, args)
         rows.append(r)
         print(f"    {size:>7} rows: data {r['data_seconds']:6.2f}s  coverage {r['seconds']:6.2f}s  "
+              f"select {r['select_seconds']:6.2f}s ({r['picked']:.0f} picked)  "
               f"process {r['wall']:5.1f}s  "
               f"peak RSS {r['peak_rss_gb']:.2f} GB  FAC {r['fac']:.3f}  "
               f"graded {r['fac_graded']:.3f}", flush=True)

@@ -34,8 +34,9 @@ from tools.verify import FeatureHits, Sample, Verdict, VerifyReport
 
 class ScriptedModel(GenericFakeChatModel):
     """Replies from a script; a step may be a function of the conversation so far (to use
-    what a tool returned). bind_tools returns self; streaming yields one chunk that carries
-    the tool calls (GenericFakeChatModel's own stream drops them)."""
+    what a tool returned), and a function that returns None is skipped (a poll that is no
+    longer needed). bind_tools returns self; streaming yields one chunk that carries the
+    tool calls (GenericFakeChatModel's own stream drops them)."""
 
     messages: Iterator[AIMessage | str] = iter(())
     script: list[Any] = []
@@ -47,8 +48,10 @@ class ScriptedModel(GenericFakeChatModel):
     def _generate(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
                   **kwargs: Any) -> ChatResult:
         self.seen.append(list(messages))
-        step = self.script.pop(0)
-        reply = step(messages) if callable(step) else step
+        reply = None
+        while reply is None:
+            step = self.script.pop(0)
+            reply = step(messages) if callable(step) else step
         msg = AIMessage(reply) if isinstance(reply, str) else reply
         return ChatResult(generations=[ChatGeneration(message=msg)])
 

@@ -118,6 +118,30 @@ def pool_keys(source: str, text_field: str, *, num_cpus: float) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def pool_texts(source: str, text_field: str, rows: np.ndarray, *,
+               num_cpus: float) -> list[str]:
+    """The texts of pool rows `rows` (0-based, file order as `pool_keys` numbers them), in
+    that order: one streamed Ray Data pass that keeps only those rows' texts."""
+    wanted = np.unique(np.asarray(rows, dtype=np.int64))
+    got: dict[int, str] = {}
+    ds = read_pool(source, text_field, num_cpus=num_cpus)
+    ds.context.execution_options.preserve_order = True
+    seen = 0
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        table = cast(pa.Table, batch)
+        lo, hi = np.searchsorted(wanted, [seen, seen + table.num_rows])
+        if hi > lo:
+            column = table.column(text_field)
+            got.update((int(r), column[int(r) - seen].as_py()) for r in wanted[lo:hi])
+        seen += table.num_rows
+        if len(got) == len(wanted):
+            break
+    if len(got) < len(wanted):
+        raise DataError(f"{source} has {seen} rows, not the {int(wanted[-1]) + 1} its shards "
+                        "were keyed from: the file changed since it was probed")
+    return [got[int(r)] for r in rows]
+
+
 class ShardSink(Datasink[int]):
     """Each write task's rows as one part (tools.shards.write_part: whole or absent);
     Ray Data bundles at least `rows_per_shard` rows per task (the last one fewer)."""

@@ -1,7 +1,8 @@
 """The `facsynth` command line (typer + rich). The app and what every command shares live in
 `common`; the commands in `measure` (coverage, probe, train-sae), `synth` (interpret,
-generate, verify, features, improve, report) and `agents` (chat, serve, llm-server), each
-registering itself on the app when imported; `run` is the console entry point."""
+generate, verify, features, report), `improve` (improve, label), `compare` and `agents`
+(chat, serve, llm-server), each registering itself on the app when imported; `run` is the
+console entry point."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from agent.cli import agents, compare, measure, synth  # noqa: F401  (register the commands)
+from agent.cli import agents, compare, improve, measure, synth  # noqa: F401  (register them)
 from agent.cli.common import app, err, out
 
 __all__ = ["app", "run"]

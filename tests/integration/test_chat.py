@@ -38,6 +38,34 @@ def last_result(messages: list[BaseMessage], tool: str) -> dict[str, Any]:
     return json.loads(unfence(str(msg.content)))
 
 
+def job_done(messages: list[BaseMessage]) -> dict[str, Any] | None:
+    """The newest job answer (a long tool's start or a job_result), if that job has ended."""
+    msg = next(m for m in reversed(messages) if isinstance(m, ToolMessage))
+    got = json.loads(unfence(str(msg.content)))
+    return got if got.get("status") in ("done", "failed", "cancelled") else None
+
+
+def poll(messages: list[BaseMessage]) -> AIMessage | None:
+    """What the agent does after starting a long tool: job_result(wait=50) until it ends."""
+    if job_done(messages):
+        return None
+    msg = next(m for m in reversed(messages) if isinstance(m, ToolMessage))
+    job = json.loads(unfence(str(msg.content)))["job_id"]
+    return calls(("job_result", {"job_id": job, "wait": 50}))
+
+
+def finished(events: list[Any]) -> dict[str, Any]:
+    """The result of the turn's last job, from its final job_result."""
+    job = json.loads([e.text for e in events
+                      if e.kind == "tool_result" and e.name == "job_result"][-1])
+    assert job["status"] == "done", job
+    return dict(job["result"])
+
+
+POLLS = [poll] * 8
+"""Enough polls of 50 s for a long tool on a busy machine; the unneeded ones are skipped."""
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("root")
@@ -71,6 +99,7 @@ def graph_for(box: Toolbox, model: ScriptedModel) -> Any:
     return build_graph(model, tools, system_prompt(box, tools), sessions(box.root))
 
 
+@pytest.mark.slow
 def test_improve_session_on_the_demo_data(box: Toolbox, root: Path) -> None:
     def explain_top(messages: list[BaseMessage]) -> AIMessage:
         top = last_result(messages, "coverage")["top_missing"][0]["feature"]
@@ -85,7 +114,9 @@ def test_improve_session_on_the_demo_data(box: Toolbox, root: Path) -> None:
             "out": "synthetic.jsonl"}))
 
     def summarise(messages: list[BaseMessage]) -> str:
-        got = last_result(messages, "generate_and_verify")
+        job = job_done(messages)
+        assert job and job["status"] == "done", job
+        got = job["result"]
         return f"Kept {got['kept']} of {got['generated']} samples."
 
     model = ScriptedModel(script=[
@@ -96,10 +127,12 @@ def test_improve_session_on_the_demo_data(box: Toolbox, root: Path) -> None:
         # turn 2: a wrong file first, then the generation (confirmed)
         calls(("describe_dataset", {"path": "train.jsonl"})),
         generate_two,
+        *POLLS,
         summarise,
         # turn 3: one improve round (confirmed)
         calls(("improve", {"anchor": "anchor.jsonl", "data": "seed.jsonl",
                            "run_dir": "runs/chat", "rounds": 1, "top": 2, "per_feature": 2})),
+        *POLLS,
         "Round 1 is done.",
     ])
     session = ChatSession(graph_for(box, model))
@@ -120,8 +153,10 @@ def test_improve_session_on_the_demo_data(box: Toolbox, root: Path) -> None:
     asked = [e for e in second if e.kind == "confirm"]
     assert len(asked) == 1 and asked[0].name == "generate_and_verify"
     assert asked[0].data["samples"] == 4 and asked[0].data["seconds"] > 0
-    gen = json.loads(next(e.text for e in second
-                          if e.kind == "tool_result" and e.name == "generate_and_verify"))
+    started = json.loads(next(e.text for e in second
+                              if e.kind == "tool_result" and e.name == "generate_and_verify"))
+    assert started["job_id"] and started["tool"] == "generate_and_verify"  # a job, at once
+    gen = finished(second)
     assert gen["generated"] == 4 == gen["kept"] + gen["rejected"]
     rows = (root / "synthetic.jsonl").read_text().splitlines()
     assert len(rows) == gen["kept"] and all(json.loads(r)["provenance"]["feature"] in gen[
@@ -131,7 +166,7 @@ def test_improve_session_on_the_demo_data(box: Toolbox, root: Path) -> None:
 
     third = run_turn(session, "Run one improvement round")
     assert [e.name for e in third if e.kind == "confirm"] == ["improve"]
-    done = json.loads(next(e.text for e in third if e.kind == "tool_result"))
+    done = finished(third)
     assert [r["round"] for r in done["rounds"]] == [0, 1] and done["stop_reason"]
     assert (root / "runs" / "chat" / "data" / "round-1.jsonl").exists()
     assert not model.script and not session.pending()

@@ -190,6 +190,43 @@ def test_cli_probe_and_coverage_on_the_ray_engine(world, resumed, monkeypatch) -
     assert reports["ray"] == reports["local"] and reports["ray"]["n_task"] > 0
 
 
+def test_pool_picks_on_the_ray_engine_equal_the_local_engine(world, resumed, tmp_path) -> None:
+    """improve --pool's selection (agent/pool_select.py) with the pool's rows in memory and
+    streamed over its shards (tools/pool/stream.py): the same rows, fills and scores. 20
+    candidates of 137 open texts: top-score is exact by construction; fac's first pick
+    is, and here its later ones too (its per-feature best rows hold row 30, which the
+    greedy turns to third; with 10 candidates its second pick differs)."""
+    from agent.pool_select import PoolSelector
+    from agent.steps import Rows
+    from tools.data import TextDataset, load_texts
+    from tools.detector import DetectorSettings, ProbeDetector, train_probe_detector
+    from tools.pool.select import SelectSettings
+    from tools.pool.source import PoolSource, RayPool
+    from tools.workspace import Workspace
+
+    ws = Workspace(world["settings"].model_copy(update={"quantile": 0.5}))
+    anchor = TextDataset([t for t, _ in ANCHOR], [y for _, y in ANCHOR], "anchor")
+    rows = Rows(data=anchor, added=[])
+    model_dir = tmp_path / "model"
+    ProbeDetector(train_probe_detector(ws.probe(anchor).pooled(), anchor.labels),
+                  DetectorSettings()).save(model_dir)
+    local = PoolSelector(ws, anchor, load_texts(world["pool"], label_field=None))
+    ray = PoolSelector(ws, anchor, None, source=PoolSource(
+        path=str(world["pool"]), engine="ray", ray=RayPool(shards=str(world["root"] / "shards"),
+                                                           candidates=20)))
+    taken = {0, 5, 133}  # row 133 repeats row 3, which stays open
+    for strategy in ("fac", "top-score"):
+        s = SelectSettings(strategy=strategy, batch=8)  # type: ignore[arg-type]
+        want = local.select(rows, model_dir, s, 8, taken, seed=3)
+        got = ray.select(rows, model_dir, s, 8, taken, seed=3)
+        assert len(want) == 8 and [p.row for p in got] == [p.row for p in want]
+        assert [(p.text, p.fills) for p in got] == [(p.text, p.fills) for p in want]
+        assert [p.score for p in got] == pytest.approx([p.score for p in want], abs=1e-5)
+        if strategy == "fac":
+            assert any(p.fills for p in want), "some picks fill deficits"
+    assert ray.unfilled(rows, taken) == local.unfilled(rows, taken)
+
+
 @pytest.mark.parametrize(("cpus", "gpus", "cuda", "concurrency", "want"), [
     (1, 0, False, None, (1, 0.5, 2)),  # this machine's cluster: half a CPU to the actor
     (15, 0, False, None, (3, 14 / 3, 5)),  # 16 cores, facsynth's cluster of 15 CPUs

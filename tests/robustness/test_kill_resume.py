@@ -72,6 +72,7 @@ fresh process (about 10 s of imports on 2 cores), so the other nodes, which writ
 of their own, are left out."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("backend", "kill"), CASES)
 def test_kill_9_then_resume_elsewhere_is_exact(
     ws: Path, tiny_parts: dict[str, Path], monkeypatch: pytest.MonkeyPatch,

@@ -23,6 +23,9 @@ IMPROVE = {"anchor": "anchor.jsonl", "data": "seed.jsonl", "rounds": 2, "top": 2
            "per_feature": 3, "relevance": "label"}
 
 
+pytestmark = pytest.mark.slow  # real stdio servers and clients, minutes
+
+
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     parts = tmp_path_factory.mktemp("parts")

@@ -121,6 +121,7 @@ def test_cli_import_stays_light() -> None:
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
+@pytest.mark.slow
 def test_synthesis_chain_then_improve_and_resume(parts, tmp_path, monkeypatch) -> None:
     """interpret -> generate -> verify, then improve and --resume, all through the CLI on the
     tiny model with in-process generation (its replies are noise: the chain must still hold)."""

@@ -1,5 +1,5 @@
 """`facsynth compare`: the statistics, the protocol helpers, and one whole run on the tiny
-model (in-process generation: its replies are noise, the bookkeeping must still hold)."""
+model (a scripted writer: the bookkeeping must hold whatever it writes)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,27 @@ def test_settings_refuse_unknown_methods_and_bad_variant_settings() -> None:
     assert CompareSettings(labels="anchor").reference == "full"
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_equal_kept_and_paired(parts, tmp_path, monkeypatch) -> None:  # noqa: F811
+    import contextlib
+    import random
+
+    import agent.llm
+    from tests.fakes import WORDS, EchoLLM
+
+    class Writer(EchoLLM):
+        """EchoLLM, but a request without spans (the baselines) gets words drawn by seed."""
+
+        async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
+            if "\n- " in user:
+                return await super().achat(system, user, temperature=temperature, seed=seed)
+            return " ".join(random.Random(seed).sample(WORDS, 6))
+
+    @contextlib.contextmanager
+    def echo(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        yield Writer()  # the bookkeeping, not the writer (tests/unit/test_local_llm.py)
+
+    monkeypatch.setattr(agent.llm, "open_llm", echo)
     # a lenient label judge, so the random tiny SAE has task features the seed misses
     (tmp_path / "facsynth.toml").write_text(
         "[judge]\nmin_support = 1\nmin_support_frac = 0.0\nmin_log_odds = 0.5\n")

@@ -83,6 +83,23 @@ class SelectSettings(BaseModel):
 
 
 @dataclass(frozen=True)
+class PoolTotals:
+    """The whole open pool's counts, for a view that holds only some of its rows (the ray
+    engine's candidates, tools/pool/stream.py): fac's task features and deficits are then
+    computed from these, as they would be over the whole pool."""
+
+    n_rows: int
+    """open pool rows"""
+    rows: np.ndarray
+    """[d_sae] open pool rows where the feature is active"""
+    score_sum: np.ndarray | None
+    """[d_sae] the model's scores summed over those rows (None: the pool was not scored,
+    so no feature is relevant by the model)"""
+    score_mean: float
+    """the model's mean score over the open pool rows"""
+
+
+@dataclass(frozen=True)
 class PoolView:
     """What a strategy knows. Pool arrays are over the candidate rows the caller passes
     (row i of `active` is candidate i); labelled arrays over the rows labelled so far."""
@@ -103,6 +120,9 @@ class PoolView:
     """[n_pool] near-duplicate group of each pool row (tools/splits.py)"""
     task: np.ndarray | None = None
     """[d_sae] bool: the anchor's task features, when a labelled anchor defines them"""
+    totals: PoolTotals | None = None
+    """the whole pool's counts when the pool arrays hold only candidates (None: they hold
+    every open row)"""
 
 
 class Pick(BaseModel):
@@ -118,9 +138,7 @@ def pick(view: PoolView, settings: SelectSettings, n: int, *, seed: int = 0,
          exclude: Sequence[int] = ()) -> list[Pick]:
     """Up to `n` candidates by `settings.strategy`, in pick order, none of `exclude`."""
     name = settings.strategy
-    if name in NEEDS_SCORES and view.scores is None:
-        raise ConfigError(f"the {name} strategy needs the current model's scores; there is "
-                          "no model yet (label some rows, or use random or coreset)")
+    require_scores(name, view.scores is not None)
     n_pool = view.active.shape[0]
     open_ = np.ones(n_pool, dtype=bool)
     open_[list(exclude)] = False
@@ -142,6 +160,13 @@ def pick(view: PoolView, settings: SelectSettings, n: int, *, seed: int = 0,
     return [Pick(row=int(r), fills=fills.get(int(r), []),
                  score=None if view.scores is None else round(float(view.scores[r]), 6))
             for r in rows]
+
+
+def require_scores(strategy: str, scored: bool) -> None:
+    """ConfigError when `strategy` ranks by the model's scores and there are none."""
+    if strategy in NEEDS_SCORES and not scored:
+        raise ConfigError(f"the {strategy} strategy needs the current model's scores; there "
+                          "is no model yet (label some rows, or use random or coreset)")
 
 
 def _by_score(view: PoolView, open_: np.ndarray, n: int) -> list[int]:
@@ -201,8 +226,13 @@ def relevant_features(view: PoolView, settings: SelectSettings) -> np.ndarray:
             support = judge.support_for(int((y == 1).sum()))
             out |= (pos >= support) & (log_odds >= judge.min_log_odds)
     if settings.relevance in ("model", "both") and view.scores is not None:
-        out |= model_relevant(view.active, view.scores, settings.min_lift,
-                              settings.min_pool_rows)
+        t = view.totals
+        if t is None:
+            out |= model_relevant(view.active, view.scores, settings.min_lift,
+                                  settings.min_pool_rows)
+        elif t.score_sum is not None:
+            out |= lifted(t.rows, t.score_sum, t.score_mean, settings.min_lift,
+                          settings.min_pool_rows)
     return out
 
 
@@ -213,7 +243,14 @@ def model_relevant(active: sp.csr_matrix, scores: np.ndarray, min_lift: float,
     a = (active != 0).astype(np.float64).tocsc()
     rows = np.asarray(a.sum(axis=0)).ravel()
     mean = float(np.mean(scores)) if len(scores) else 0.0
-    by_feature = np.asarray(a.T @ scores).ravel() / np.maximum(rows, 1)
+    return lifted(rows, np.asarray(a.T @ scores).ravel(), mean, min_lift, min_rows)
+
+
+def lifted(rows: np.ndarray, score_sum: np.ndarray, mean: float, min_lift: float,
+           min_rows: int) -> np.ndarray:
+    """[d_sae] bool from per-feature active rows, the scores summed over them and the
+    pool's mean score (`model_relevant`'s rule)."""
+    by_feature = score_sum / np.maximum(rows, 1)
     return np.asarray((rows >= min_rows) & (by_feature >= min_lift * max(mean, 1e-12)))
 
 
@@ -221,12 +258,22 @@ def deficits(view: PoolView, settings: SelectSettings, task: np.ndarray,
              n_after: int) -> np.ndarray:
     """[d_sae] int: rows each task feature still needs in the labelled set once it holds
     `n_after` rows (0 off the task)."""
-    pool_rows = np.asarray((view.active != 0).sum(axis=0)).ravel()
+    if view.totals is None:
+        pool_rows = np.asarray((view.active != 0).sum(axis=0)).ravel()
+        n_pool = max(view.active.shape[0], 1)
+    else:
+        pool_rows, n_pool = view.totals.rows, max(view.totals.n_rows, 1)
     have = np.asarray((view.labelled_active != 0).sum(axis=0)).ravel()
-    n_pool = max(view.active.shape[0], 1)
     by_rate = np.ceil(settings.rate_frac * pool_rows * n_after / n_pool - 1e-9)
     needed = np.minimum(pool_rows + have, np.maximum(settings.min_rows, by_rate))
     return np.where(task, np.maximum(0, needed - have), 0).astype(np.int64)
+
+
+def fac_weight(scores: np.ndarray, settings: SelectSettings) -> np.ndarray:
+    """[n] fac's weight of each row: p^score_power * (1 - p)^certainty_power."""
+    p = np.clip(scores, 1e-6, 1.0 - 1e-6)
+    return np.asarray(np.power(p, settings.score_power)
+                      * np.power(1.0 - p, settings.certainty_power))
 
 
 def _deficit_cover(view: PoolView, settings: SelectSettings, open_: np.ndarray,
@@ -235,8 +282,7 @@ def _deficit_cover(view: PoolView, settings: SelectSettings, open_: np.ndarray,
     task = relevant_features(view, settings)
     left = deficits(view, settings, task, len(view.labels) + n).astype(np.float64)
     a = (view.active != 0).astype(np.float64).tocsr()
-    p = np.clip(view.scores, 1e-6, 1.0 - 1e-6)
-    weight = np.power(p, settings.score_power) * np.power(1.0 - p, settings.certainty_power)
+    weight = fac_weight(view.scores, settings)
     open_ = open_.copy()
     used_groups: set[int] = set()
     rows: list[int] = []

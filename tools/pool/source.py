@@ -1,5 +1,7 @@
 """The pool path's settings for an improve run (`RunConfig.pool`): the pool file, where its
-rows' labels come from, how rows are picked, and how many labels the run may ask for."""
+rows' labels come from, how rows are picked, how many labels the run may ask for, and which
+engine reads the pool (local: in memory through the activation cache; ray: probed on Ray
+into shards, picks streamed over them, tools/pool/stream.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,25 @@ from tools.pool.labels import Labeler
 from tools.pool.select import SelectSettings
 
 Source = Literal["generate", "pool", "both"]
+PoolEngine = Literal["local", "ray"]
+
+
+class RayPool(BaseModel):
+    """`--engine ray`: where the pool's shards go and how it is probed (as `facsynth probe
+    --engine ray`), and how many rows each strategy keeps while streaming."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    shards: str | None = Field(None, description="the shard folder (default FACSYNTH_HOME/"
+                               "shards/<model+SAE+settings>/<hash of the pool's location>)")
+    address: str | None = Field(None, description="the Ray cluster (default: RAY_ADDRESS, "
+                                "else a single-node cluster on this machine)")
+    concurrency: int | None = Field(None, ge=1, description="probe actors (default: one per "
+                                    "GPU, else one per 4 CPUs)")
+    batch_size: int = Field(64, ge=1, description="texts per probe actor call")
+    candidates: int | None = Field(None, ge=1, description="rows each strategy keeps while "
+                                   "streaming (default max(20 x batch, 500)); more is closer "
+                                   "to the in-memory pick and costs memory")
 
 
 class PoolSource(BaseModel):
@@ -30,3 +51,7 @@ class PoolSource(BaseModel):
                              "judge: the label gate's judges (disputed rows are dropped)")
     select: SelectSettings = Field(default_factory=SelectSettings)
     budget: int = Field(100, ge=1, description="pool rows labelled at most, all rounds")
+    engine: PoolEngine = Field("local", description="local: the pool probed and picked from "
+                               "in memory; ray: probed on Ray into shards, picks streamed "
+                               "over them (pools of 10^5+ rows)")
+    ray: RayPool = Field(default_factory=RayPool)
