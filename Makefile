@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-slow test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,17 @@ lint: setup
 	$(BIN)/mypy
 	$(BIN)/mypy --strict tools memory
 
+# lint and every test but the slow tier (a newcomer's check, ~15 minutes from a fresh clone
+# on a busy 2-core machine, setup included)
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not slow"
+
+# the slow tier, tests marked `slow` (each over ~30 s on a busy 2-core machine): kill -9 at
+# every checkpointed node + resume, the managed vLLM server, real stdio MCP jobs, the
+# steering loops and the Ray probe on the embedded model, whole CLI/chat/compare runs;
+# .ci/run runs it after `make test`
+test-slow: setup
+	$(BIN)/pytest -q -m slow
 
 # day-to-day: the unit and robustness tests not marked slow (no embedded model, no vLLM,
 # no kill -9 runs; a few minutes)

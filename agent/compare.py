@@ -147,15 +147,16 @@ class Comparison:
                  settings: CompareSettings, work: Path,
                  also: dict[str, Any] | None = None,
                  progress: Progress | None = None,
-                 external_pool: TextDataset | None = None) -> None:
+                 external_pool: TextDataset | None = None,
+                 external_path: str | Path | None = None) -> None:
         from agent.compare_pool import PoolPicker
 
         self.ws, self.llm, self.pool, self.ev, self.s = ws, llm, pool, ev, settings
         self.task = task.bind(ws)
-        self.features = remembered(workspace_features(ws))
+        self.features = Remembered(workspace_features(ws))
         self.work, self.also = work, also or {}
         self.progress = progress or (lambda what: None)
-        self.picker = PoolPicker(self, external_pool)
+        self.picker = PoolPicker(self, external_pool, external_path)
 
     # -- the task's model -----------------------------------------------------------------
     def fit(self, data: Any, seed: int, n_real: int | None = None,
@@ -354,21 +355,25 @@ class Comparison:
 
 
 
-def remembered(features: Callable[[Sequence[str]], np.ndarray]
-               ) -> Callable[[Sequence[str]], np.ndarray]:
+class Remembered:
     """`features` with each text's row remembered: compare fits and scores the same pool,
-    seed and eval texts many times (every method, round and curve point)."""
-    rows: dict[str, np.ndarray] = {}
+    seed and eval texts many times (every method, round and curve point). `add` gives rows
+    computed elsewhere (the ray engine's shards)."""
 
-    def cached(texts: Sequence[str]) -> np.ndarray:
-        todo = list(dict.fromkeys(t for t in texts if t not in rows))
+    def __init__(self, features: Callable[[Sequence[str]], np.ndarray]) -> None:
+        self.features = features
+        self.rows: dict[str, np.ndarray] = {}
+
+    def add(self, texts: Sequence[str], rows: np.ndarray) -> None:
+        self.rows.update(zip(texts, rows, strict=True))
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        todo = list(dict.fromkeys(t for t in texts if t not in self.rows))
         if todo:
-            rows.update(zip(todo, features(todo), strict=True))
+            self.add(todo, self.features(todo))
         if not texts:
-            return features(texts)  # its own error for an empty request
-        return np.stack([rows[t] for t in texts])
-
-    return cached
+            return self.features(texts)  # its own error for an empty request
+        return np.stack([self.rows[t] for t in texts])
 
 
 def rows_jsonl(data: Any) -> str:
@@ -431,6 +436,9 @@ def run_compare(
             both_labels(scored, flag, f"{task.headline} needs both")
     pool, ev = split_pool(task, anchor, ev, settings.eval_frac)
     external, dropped = None, 0
+    if settings.engine == "ray" and pool_path is None:
+        raise ConfigError("--engine ray probes the --pool file on Ray: give --pool FILE (the "
+                          "anchor's own rows are probed in this process)")
     if pool_path is not None:
         from agent.compare_pool import drop_eval_copies
 
@@ -451,7 +459,7 @@ def run_compare(
         # cached yet: a rerun that only re-scores never starts it
         llm = LazyOpen(lambda: stack.enter_context(open_llm(app, folder, ws)))
         comp = Comparison(ws, llm, task, pool, ev, settings, folder, extra, progress,
-                          external)
+                          external, pool_path)
         for s in range(settings.seeds):
             got = comp.run_seed(s)
             kept.append(max((r.n_added for r in got), default=0))

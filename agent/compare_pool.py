@@ -22,7 +22,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,9 +30,13 @@ from pydantic import BaseModel, Field
 
 from tools.coverage import activity, feature_thresholds
 from tools.data import TextDataset, write_text_atomic
+from tools.errors import ConfigError
 from tools.pool.select import PoolView, SelectSettings, curve_points, pick_new
 from tools.splits import near_duplicate_groups
 from tools.verify import NearDuplicates
+
+if TYPE_CHECKING:
+    from tools.shards import ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +57,37 @@ class PoolArrays:
     """The candidates' and the seed rows' feature activity and pooled residuals, probed
     once (the activity rule's thresholds come from the compare pool, as fac's coverage)."""
 
-    def __init__(self, ws: Any, pool: TextDataset, candidates: TextDataset) -> None:
+    def __init__(self, ws: Any, pool: TextDataset, candidates: TextDataset,
+                 shards: ShardSet | None = None) -> None:
         rule = ws.settings.activity_rule()
         thresholds = feature_thresholds(rule, ws.probe(pool).max_matrix())
-        texts = list(dict.fromkeys([*pool.texts, *candidates.texts]))
-        probe = ws.probe(TextDataset(texts, None, "pool"))
-        self.index = {t: i for i, t in enumerate(texts)}
-        self.active = activity(probe, rule, thresholds).tocsr()
-        self.pooled = probe.pooled()
+        if shards is None:
+            texts = list(dict.fromkeys([*pool.texts, *candidates.texts]))
+            probe = ws.probe(TextDataset(texts, None, "pool"))
+            self.index = {t: i for i, t in enumerate(texts)}
+            self.active = activity(probe, rule, thresholds).tocsr()
+            self.pooled = probe.pooled()
+            return
+        # the ray engine: the compare pool (the labelled anchor, seeds among it) probed here,
+        # the external pool's other texts read from its shards
+        from tools.shards import text_keys
+
+        if rule.pooling != "max":
+            raise ConfigError("--engine ray keeps each text's max activations, not its "
+                              "token counts: use pooling max (the default)")
+        near = list(dict.fromkeys(pool.texts))
+        known = set(near)
+        far = [t for t in dict.fromkeys(candidates.texts) if t not in known]
+        probe = ws.probe(TextDataset(near, None, "pool"))
+        keys = text_keys(far)
+        maxes = shards.max_matrix(keys)
+        far_active = maxes.copy()
+        far_active.data = (maxes.data > thresholds[maxes.indices]).astype(np.float32)
+        far_active.eliminate_zeros()
+        self.index = {t: i for i, t in enumerate([*near, *far])}
+        self.active = sp.vstack([activity(probe, rule, thresholds), far_active]).tocsr()
+        self.pooled = np.concatenate([probe.pooled(), shards.pooled(keys)])
+        self.far = far
 
     def rows(self, texts: Sequence[str]) -> np.ndarray:
         return np.array([self.index[t] for t in texts], dtype=np.int64)
@@ -79,9 +106,11 @@ def drop_eval_copies(candidates: TextDataset, scored: Sequence[TextDataset],
 class PoolPicker:
     """Runs the pick methods of one compare (see the module doc)."""
 
-    def __init__(self, comp: Any, external: TextDataset | None) -> None:
+    def __init__(self, comp: Any, external: TextDataset | None,
+                 external_path: str | Path | None = None) -> None:
         self.comp = comp
         self.external = external
+        self.external_path = external_path
         self._arrays: PoolArrays | None = None
 
     def candidates(self, rest: Sequence[int]) -> TextDataset:
@@ -93,8 +122,26 @@ class PoolPicker:
 
     def arrays(self, candidates: TextDataset) -> PoolArrays:
         if self._arrays is None or any(t not in self._arrays.index for t in candidates.texts):
-            self._arrays = PoolArrays(self.comp.ws, self.comp.pool, candidates)
+            comp = self.comp
+            shards = self._ray_shards() if comp.s.engine == "ray" else None
+            self._arrays = PoolArrays(comp.ws, comp.pool, candidates, shards)
+            if shards is not None:  # the detector's features of those texts: the same rows
+                far = self._arrays.far
+                comp.features.add(far, self._arrays.pooled[self._arrays.rows(far)])
         return self._arrays
+
+    def _ray_shards(self) -> ShardSet:
+        """The external pool probed on Ray (a rerun probes only what its shards lack)."""
+        from tools.ray_probe import ray_probe
+
+        if self.external_path is None:
+            raise ConfigError("--engine ray probes the --pool file on Ray: give --pool FILE")
+        r = self.comp.s.ray
+        self.comp.progress("probing the pool on Ray")
+        return ray_probe(self.external_path, settings=self.comp.ws.settings,
+                         out_dir=Path(r.shards) if r.shards else None,
+                         concurrency=r.concurrency, batch_size=r.batch_size,
+                         address=r.address).shards
 
     def run(self, method: str, s: int, seed_set: TextDataset, candidates: TextDataset,
             budget: int) -> PickRun:

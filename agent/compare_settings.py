@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tools.detector import DetectorSettings
 from tools.errors import ConfigError
 from tools.pool.select import STRATEGIES, SelectSettings
+from tools.pool.source import PoolEngine, RayPool
 from tools.rundir import LoopSettings
 
 BASELINES = ("random", "self-instruct", "evol-instruct", "magpie", "cot-self-instruct", "sao",
@@ -80,6 +81,12 @@ class CompareSettings(BaseModel):
         None, ge=0, lt=1, description="every method's added rows get this share of each "
         "class's weight in the detector (None: the same weight as real rows)")
     detector: DetectorSettings = Field(default_factory=DetectorSettings)
+    engine: PoolEngine = Field("local", description="--labels pool with --pool: how the pool "
+                               "is probed (local: in this process; ray: on Ray into shards, "
+                               "as `facsynth probe --engine ray`; the picks then run in "
+                               "memory, as on the local engine)")
+    ray: RayPool = Field(default_factory=RayPool, description="--engine ray: shards, address, "
+                         "actors and batch size")
 
     def check(self) -> None:
         """Every setting that can be checked before any work (a ConfigError otherwise)."""
@@ -116,6 +123,12 @@ class CompareSettings(BaseModel):
         if self.labels == "pool" and "full" in self.methods:
             raise ConfigError("--labels pool: full knows every pool label; its reference is "
                               "seed (drop full from --methods, or use --labels anchor)")
+        if self.engine == "ray" and self.labels != "pool":
+            raise ConfigError("--engine ray probes the --pool file on Ray: use it with "
+                              "--labels pool --pool FILE")
+        if self.ray.candidates is not None:
+            raise ConfigError("compare picks from the whole probed pool in memory: "
+                              "candidates is an improve --engine ray setting")
         self.loop_for("fac", 0)  # --set: every loop setting, checked now
         for name in self.variants:
             if self.is_pick(name):
@@ -165,8 +178,10 @@ def work_key(settings: CompareSettings, *parts: Any) -> str:
     methods or variants reuses what is done (a variant whose settings changed under the
     same name is refused: `Comparison.generate`). The pool protocol generates as the seed
     protocol does, so the two share their work; the pick methods' own settings name their
-    cached picks and rows instead (`PoolPicker`)."""
-    left_out = {"seeds", "methods", "variants", "synthetic_share", "select", "curve"}
+    cached picks and rows instead (`PoolPicker`). The engine only says where the pool is
+    probed (the same values up to fp32 order), so it is left out too."""
+    left_out = {"seeds", "methods", "variants", "synthetic_share", "select", "curve",
+                "engine", "ray"}
     if settings.task == "toxicity" and not settings.task_options:
         left_out |= {"task", "task_options"}  # as before tasks: their caches stay valid
     if not settings.fields:

@@ -24,6 +24,15 @@ from agent.cli.common import (
     task_options,
     writable,
 )
+from agent.cli.measure import (
+    BatchSizeOpt,
+    ConcurrencyOpt,
+    Engine,
+    EngineOpt,
+    RayAddressOpt,
+    ShardsOpt,
+    ray_pool,
+)
 from tools.errors import ConfigError
 
 
@@ -141,6 +150,11 @@ def compare(
         "weight as real rows)")] = None,
     detector: Annotated[str, typer.Option(help="the toxicity task's detector: probe (fast) "
                                           "or lora")] = "probe",
+    engine: EngineOpt = Engine.local,
+    shards: ShardsOpt = None,
+    ray_address: RayAddressOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    batch_size: BatchSizeOpt = None,
     model: ModelOpt = None,
     sae: SaeOpt = None,
     generator: GeneratorOpt = None,
@@ -154,7 +168,9 @@ def compare(
     """Train the task's model (--task: a detector, a reward head, a steering vector) on the
     seed set plus each method's rows, over several seeds, and report its held-out metric
     (AUPRC, pairwise accuracy, SCR) with paired differences against the reference, FAC
-    (binary and graded) of every training set, and the label agreement of the added rows."""
+    (binary and graded) of every training set, and the label agreement of the added rows.
+    With --labels pool --pool FILE, --engine ray probes FILE on Ray into shards (a rerun
+    probes only what they lack); the picks then run in memory, as on the local engine."""
     from agent.compare import (
         DEFAULT_METHODS,
         PAIR_METHODS,
@@ -175,6 +191,9 @@ def compare(
                                if task == "toxicity" else PAIR_METHODS)
         if pool is not None and labels != "pool":
             raise ConfigError("--pool needs --labels pool")
+        if engine is Engine.ray and pool is None:
+            raise ConfigError("--engine ray probes the --pool file on Ray: give --labels "
+                              "pool --pool FILE")
         settings = validated(
             CompareSettings, "compare options", task=task,
             task_options=task_options(task_option), fields=key_values(field, "--field"),
@@ -184,7 +203,8 @@ def compare(
             rounds=rounds, top=top, select={"batch": batch, **parse_assignments(
                 select, "--select")}, curve=parse_curve(curve),
             request_factor=request_factor, synthetic_share=synthetic_share,
-            detector=validated(DetectorSettings, "--detector", kind=detector))
+            detector=validated(DetectorSettings, "--detector", kind=detector),
+            **(ray_pool(engine, shards, ray_address, concurrency, batch_size) or {}))
         settings.check()
         from tools.tasks import get_task
 

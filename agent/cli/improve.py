@@ -34,7 +34,7 @@ from agent.cli.measure import (
     EngineOpt,
     RayAddressOpt,
     ShardsOpt,
-    _ray_only,
+    ray_pool,
 )
 from agent.runs import build_settings as settings_from
 from tools.errors import ConfigError
@@ -201,7 +201,7 @@ def improve(
                 detector=validated(DetectorSettings, "detector options", kind=detector),
                 pool=_pool(pool, source, labeler, strategy, batch, label_budget,
                            pool_text_field, pool_label_field,
-                           _ray_pool(engine, shards, ray_address, concurrency, batch_size)),
+                           ray_pool(engine, shards, ray_address, concurrency, batch_size)),
             )
             _check_steer(cfg)
             run = run_dir
@@ -233,26 +233,11 @@ def _said_stop(run: Path, state: dict[str, Any]) -> None:
               f"FAC {state.get('fac', 0):.3f}. Report: facsynth report {run}")
 
 
-def _ray_pool(engine: Engine, shards: Path | None, address: str | None,
-              concurrency: int | None, batch_size: int | None) -> dict[str, Any] | None:
-    """The ray engine's pool settings from the improve flags (None: the local engine)."""
-    from agent.runs import validated
-    from tools.pool.source import RayPool
-
-    _ray_only(engine, shards=shards, ray_address=address, concurrency=concurrency,
-              batch_size=batch_size)
-    if engine is Engine.local:
-        return None
-    return {"engine": "ray", "ray": validated(
-        RayPool, "ray options", shards=str(shards.resolve()) if shards else None,
-        address=address, concurrency=concurrency, **_given(batch_size=batch_size))}
-
-
 def _pool(path: Path | None, source: str | None, labeler: str, strategy: str, batch: int,
           budget: int, text_field: str, label_field: str,
           ray: dict[str, Any] | None = None) -> Any:
     """The pool path's settings from the improve flags (None without --pool); `ray`: the
-    ray engine's (`_ray_pool`)."""
+    ray engine's (`ray_pool`)."""
     from agent.runs import validated
     from tools.pool.select import SelectSettings
     from tools.pool.source import PoolSource

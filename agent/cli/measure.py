@@ -100,6 +100,23 @@ def _ray_only(engine: Engine, **given: object) -> None:
                 raise ConfigError(f"--{flag.replace('_', '-')} needs --engine ray")
 
 
+def ray_pool(engine: Engine, shards: Path | None, address: str | None,
+             concurrency: int | None, batch_size: int | None) -> dict[str, Any] | None:
+    """The ray engine's pool settings (tools/pool/source.RayPool) from the flags of improve
+    and compare (None: the local engine)."""
+    from agent.runs import validated
+    from tools.pool.source import RayPool
+
+    _ray_only(engine, shards=shards, ray_address=address, concurrency=concurrency,
+              batch_size=batch_size)
+    if engine is Engine.local:
+        return None
+    given = {} if batch_size is None else {"batch_size": batch_size}
+    return {"engine": "ray", "ray": validated(
+        RayPool, "ray options", shards=str(shards.resolve()) if shards else None,
+        address=address, concurrency=concurrency, **given)}
+
+
 @app.command()
 def coverage(
     anchor: Annotated[

@@ -227,6 +227,51 @@ def test_pool_picks_on_the_ray_engine_equal_the_local_engine(world, resumed, tmp
     assert ray.unfilled(rows, taken) == local.unfilled(rows, taken)
 
 
+@pytest.mark.slow  # two whole compares
+def test_compare_on_the_ray_engine_equals_the_local_engine(cluster, world, tmp_path,
+                                                          monkeypatch) -> None:
+    """`compare --labels pool --pool FILE --engine ray`: the pool probed on Ray, then the
+    same picks, metrics and FAC as the local engine (a rerun probes nothing new)."""
+    from agent.cli import app
+
+    root = world["root"]
+    monkeypatch.setenv("FACSYNTH_HOME", str(root / "home"))
+    monkeypatch.setenv("FACSYNTH_MAX_TOKENS", "32")
+    monkeypatch.chdir(tmp_path)
+
+    def toxic(t: str) -> int:
+        return int("hurt" in t or "hack" in t)
+
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", [
+        {"text": f"{t} {w}", "label": y} for t, y in ANCHOR for w in WORDS[:6]])
+    pool = write_jsonl(tmp_path / "pool.jsonl", [{"text": t, "label": toxic(t)}
+                                                 for t in world["texts"][:60]])
+    common = ["compare", "--anchor", str(anchor), "--labels", "pool", "--pool", str(pool),
+              "--methods", "seed,pick-fac,pick-top-score", "--budget", "6", "--batch", "3",
+              "--seeds", "2", "--seed-frac", "0.3", "--model", str(root / "model"),
+              "--sae", str(root / "sae")]
+    out = {}
+    for engine in ("local", "ray"):
+        extra = ["--engine", "ray", "--shards", str(tmp_path / "shards")] if engine == "ray" \
+            else []
+        res = CliRunner().invoke(app, [*common, "--work", f"w-{engine}", "--json",
+                                       f"{engine}.json", *extra])
+        assert res.exit_code == 0, res.output
+        out[engine] = json.loads((tmp_path / f"{engine}.json").read_text())["methods"]
+    for name in ("seed", "pick-fac", "pick-top-score"):
+        want, got = out["local"][name], out["ray"][name]
+        assert got["per_seed_metric"] == pytest.approx(want["per_seed_metric"], abs=1e-6)
+        assert got["fac"] == want["fac"] and got["n_added"] == want["n_added"]
+    for picks in sorted((tmp_path / "w-local").glob("*/s*/picks/*.json")):
+        mirror = tmp_path / "w-ray" / picks.relative_to(tmp_path / "w-local")
+        want, got = json.loads(picks.read_text()), json.loads(mirror.read_text())
+        assert (got["rows"], got["labels"], got["fills"]) == \
+            (want["rows"], want["labels"], want["fills"])
+    assert ShardSet.open(tmp_path / "shards").n_stored() == 60
+    res = CliRunner().invoke(app, [*common[:1], "--anchor", str(anchor), "--engine", "ray"])
+    assert res.exit_code == 2 and "--engine ray probes the --pool file" in res.output
+
+
 @pytest.mark.parametrize(("cpus", "gpus", "cuda", "concurrency", "want"), [
     (1, 0, False, None, (1, 0.5, 2)),  # this machine's cluster: half a CPU to the actor
     (15, 0, False, None, (3, 14 / 3, 5)),  # 16 cores, facsynth's cluster of 15 CPUs

@@ -16,7 +16,7 @@ from tools.settings import Settings
 from tools.shards import text_keys
 from tools.workspace import Workspace
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~80 s: a cluster, the 135M model
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 

@@ -33,6 +33,10 @@ ANCHOR_ROWS = 48
 """Demo rows the loop tests' anchor holds (at most: the steering demo has 40): enough that
 the 10-row seed misses a task feature in both tasks (20 steering rows have 3 task features,
 all covered by the seed)."""
+TASKS = [pytest.param("reward"), pytest.param("steering", marks=pytest.mark.slow)]
+"""Steering's loops run the embedded model over every CAA question (~1-2 minutes each on a
+busy 2-core machine): the slow tier (`make test-slow`, CI) runs them; reward's run in
+`make test`."""
 COMPARE_ROWS = {"reward": 48, "steering": 14}
 COMPARE_METHODS = {"reward": PAIR_METHODS, "steering": ("seed", "fac", "random")}
 """compare's anchor and methods: every CAA fit and metric runs the model over each steering
@@ -62,7 +66,7 @@ def _anchor(tmp_path: Path, task: str, rows: int = ANCHOR_ROWS) -> Path:
     return path
 
 
-@pytest.mark.parametrize("task", sorted(DEMO))
+@pytest.mark.parametrize("task", TASKS)
 def test_improve_runs_a_pair_task(ws: Workspace, tmp_path: Path, task: str) -> None:
     run = tmp_path / "run"
     cfg = start_run(run, RunConfig(
@@ -97,7 +101,7 @@ def test_improve_runs_a_pair_task(ws: Workspace, tmp_path: Path, task: str) -> N
     assert f"({task} task)" in html and rounds[1].metric.label in html
 
 
-@pytest.mark.parametrize("task", sorted(DEMO))
+@pytest.mark.parametrize("task", TASKS)
 def test_compare_runs_a_pair_task(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                   task: str) -> None:
     import contextlib
@@ -129,7 +133,7 @@ def test_compare_runs_a_pair_task(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
         CompareSettings(task=task, methods=["seed", "magpie"]).check()
 
 
-@pytest.mark.parametrize("task", sorted(DEMO))
+@pytest.mark.parametrize("task", TASKS)
 def test_mcp_tools_take_the_task(ws: Workspace, tmp_path: Path, task: str) -> None:
     """coverage, missing_features and improve through an in-memory MCP client, with the
     task as a tool parameter (the chat agent calls the same toolbox)."""
