@@ -205,8 +205,8 @@ class Comparison:
             shown = seed_set
         else:
             task_rows, shown = pool, pool
-        added = {m: self.generate(m, s, task_rows, seed_set, shown)
-                 for m in self.s.synthetic()}
+        made = {m: self.generate(m, s, task_rows, seed_set, shown) for m in self.s.synthetic()}
+        added = {m: v for m, v in made.items() if v is not None}
         if "magpie" in added:
             labeler = model("seed" if self.s.labels == "seed" else "full")
             added["magpie"] = self.label(labeler, added["magpie"])
@@ -216,6 +216,8 @@ class Comparison:
                  for m, v in added.items()}
         rows = []
         for method in self.s.methods:
+            if method in made and made[method] is None:
+                continue  # it failed on this seed: no row (`failures` says why)
             cache = row_path(self.work / f"s{s}" / "rows", self.picker.key(method)
                              if self.s.is_pick(method) else method, kept, self.s.synthetic_share)
             if cache.exists():
@@ -285,9 +287,11 @@ class Comparison:
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, method: str, s: int, task_rows: Any, seed_set: Any,
-                 shown: Any) -> list[Sample]:
+                 shown: Any) -> list[Sample] | None:
         """`method`'s generated rows for seed `s` (cached); baselines are shown the real rows
-        `shown` (the seed set, or the pool under the anchor protocol)."""
+        `shown` (the seed set, or the pool under the anchor protocol). None: a baseline that
+        could not write `budget` usable rows within its requests (its seed has no row for
+        it, and the other methods' kept count is not cut to its few)."""
         path = self.work / f"s{s}" / f"{method}.jsonl"
         run = RunPaths(self.work / f"s{s}" / method)
         if method not in BASELINES and run.config.exists():
@@ -298,10 +302,20 @@ class Comparison:
                     "variant a new name, or remove that folder to run it again")
         if path.exists():
             return read_samples(path)
+        failed = path.with_name(f"{method}.failed.json")
+        if failed.exists():  # remove the file to try again
+            return None
         self.progress(f"seed {s}: generating {method}")
         llm = CountedLLM(self.llm)
         if method in BASELINES:
-            samples = self.baseline(method, s, shown, llm)
+            from tools.baselines import BaselineError
+
+            try:
+                samples = self.baseline(method, s, shown, llm)
+            except BaselineError as e:  # reported (`failures`); the other methods go on
+                log.warning("seed %d: %s", s, e)
+                write_text_atomic(failed, json.dumps({"error": str(e), "calls": llm.calls}))
+                return None
         else:
             samples = self.fac(method, s, task_rows, seed_set, llm)
         write_text_atomic(path.with_name(f"{method}.calls.json"),
@@ -467,6 +481,7 @@ def run_compare(
             if on_seed:
                 on_seed(s, got)
     methods = summarize(rows, settings, kept, task.headline)
+    failures = failed_methods(folder, settings)
     for name, m in methods.items():
         m.loop = loop_stats(folder, name, settings.seeds)
     return CompareResult(
@@ -486,7 +501,19 @@ def run_compare(
         spearman_fac_metric=spearman(methods, "fac"),
         spearman_graded_metric=spearman(methods, "fac_graded"),
         spearman_g_vendi_metric=spearman(methods, "g_vendi"),
-        seconds=round(time.monotonic() - started, 1),
+        seconds=round(time.monotonic() - started, 1), failures=failures,
     )
+
+
+def failed_methods(folder: Path, settings: CompareSettings) -> dict[str, str]:
+    """method -> which seeds it failed on and the first seed's reason."""
+    out = {}
+    for m in settings.synthetic():
+        seeds = [s for s in range(settings.seeds)
+                 if (folder / f"s{s}" / f"{m}.failed.json").exists()]
+        if seeds:
+            first = json.loads((folder / f"s{seeds[0]}" / f"{m}.failed.json").read_text())
+            out[m] = f"failed on seeds {', '.join(map(str, seeds))}: {first['error']}"
+    return out
 
 

@@ -91,6 +91,8 @@ def curve_table(result: CompareResult) -> Table:
         t.add_column(c, justify="left" if c == "method" else "right")
     for r in body:
         t.add_row(*r)
+    if result.failures:
+        t.caption = "; ".join(f"{m} {why}" for m, why in result.failures.items())
     return t
 
 
@@ -111,6 +113,8 @@ def table(result: CompareResult) -> Table:
         t.add_column(c, justify="left" if c == "method" else "right")
     for r in body:
         t.add_row(*r)
+    if result.failures:
+        t.caption = "; ".join(f"{m} {why}" for m, why in result.failures.items())
     return t
 
 
@@ -167,6 +171,7 @@ td,th{{padding:2px 8px;text-align:right}}td:first-child{{text-align:left}}</styl
 <b>Equal kept budget:</b> {esc(result.rule)}; rows added per seed: {result.kept}.</p>
 <p><b>Knowledge beyond the protocol's labels:</b></p><ul>{external}</ul>
 <table><tr>{head}</tr>{body}</table>
+{"".join(f"<p><b>{esc(m)}</b> {esc(why)}</p>" for m, why in result.failures.items())}
 <p>FAC and label agreement are measured against the pool's real labels (diagnostics that no
 method reads). Spearman(graded FAC, {esc(label(result))}) = {result.spearman_graded_metric:.2f};
 Spearman(binary FAC, {esc(label(result))}) = {result.spearman_fac_metric:.2f};

@@ -113,6 +113,9 @@ class CompareResult(BaseModel):
     spearman_graded_metric: float
     spearman_g_vendi_metric: float = float("nan")
     seconds: float = 0.0
+    failures: dict[str, str] = Field(
+        default_factory=dict, description="baselines that could not write the budget of usable "
+        "rows within their requests on some seeds (no row there; see the message)")
 
 
 class Row(BaseModel):

@@ -86,7 +86,7 @@ def test_compare_end_to_end_equal_kept_and_paired(parts, tmp_path, monkeypatch) 
     (tmp_path / "facsynth.toml").write_text(
         "[judge]\nmin_support = 1\nmin_support_frac = 0.0\nmin_log_odds = 0.5\n")
     args = ["compare", "--anchor", str(EXAMPLES / "anchor.jsonl"), "--methods",
-            "seed,full,fac,fac-pos,random", "--variant", "fac-pos:negatives=0",
+            "seed,full,fac,fac-pos,random,cot-self-instruct", "--variant", "fac-pos:negatives=0",
             "--budget", "2", "--seeds", "2", "--seed-frac", "0.3", "--rounds", "1",
             "--generator", "local", "--work", "w", "--json", "out.json", "--report", "r.html"]
     res = run(parts, tmp_path, monkeypatch, *args)
@@ -95,6 +95,11 @@ def test_compare_end_to_end_equal_kept_and_paired(parts, tmp_path, monkeypatch) 
     assert out["protocol"] == "seed" and out["reference"] == "seed"
     methods = out["methods"]
     assert set(methods) == {"seed", "full", "fac", "fac-pos", "random"}
+    # the writer never writes CoT-Self-Instruct's answer marker: that baseline fails on every
+    # seed, is reported, and neither stops the compare nor cuts the others' kept rows
+    assert out["failures"]["cot-self-instruct"].startswith("failed on seeds 0, 1: ")
+    assert "no_marker" in out["failures"]["cot-self-instruct"] and min(out["kept"]) >= 1
+    assert "cot-self-instruct failed on seeds 0, 1" in " ".join(res.output.split())
     for name in ("fac", "fac-pos", "random"):  # equal kept budgets per seed
         assert methods[name]["n_added"] == np.mean(out["kept"])
         assert methods[name]["paired"]["n"] == 2
