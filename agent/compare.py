@@ -23,13 +23,15 @@ Protocols (`labels`), stated in every result:
   the whole pool.
 
 Equal kept budgets: every synthetic method requests until `budget` rows pass its own
-filters (the baselines retry; fac spends at most `request_factor * budget` requests), then
-all of a seed's methods are cut to that seed's smallest kept count (a seeded random subset),
-so every method adds the same number of rows. Paired differences against the reference
-come with a 95% t interval over seeds. FAC (binary and graded) of every training set is
-measured against the pool with its real labels (a diagnostic: no method reads it), and so is
-the label agreement of each method's added rows with a detector trained on all real pool
-rows.
+filters (every method spends at most `request_factor * budget` requests), then all of a
+seed's methods are cut to that seed's smallest kept count (a seeded random subset), so every
+method adds the same number of rows. A method with fewer than half the budget on a seed
+(`MIN_SHARE`: a 135M writer rarely follows CoT-Self-Instruct's answer marker) has failed
+there: no row for that seed, the reason in `failures`, and no cut of the others to its few.
+Paired differences against the reference come with a 95% t interval over seeds. FAC (binary
+and graded) of every training set is measured against the pool with its real labels (a
+diagnostic: no method reads it), and so is the label agreement of each method's added rows
+with a detector trained on all real pool rows.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from agent.compare_parts import CountedLLM, LazyOpen, Remembered
 from agent.compare_results import (
     CompareResult,
     LoopStats,
@@ -76,6 +80,10 @@ from tools.verify import Sample
 from tools.workspace import Workspace
 
 log = logging.getLogger(__name__)
+MIN_SHARE = 0.5
+"""A synthetic method (fac, a variant or a baseline) that writes fewer than this share of
+--budget usable rows on a seed has failed there: it gets no row for that seed (reported in
+`failures`), and the others' kept count is not cut to its few."""
 
 __all__ = [
     "BASELINES", "DEFAULT_METHODS", "FIXED", "PAIR_BASELINES", "PAIR_METHODS", "PICKS",
@@ -99,44 +107,6 @@ def rows_key(data: Any) -> list[Any]:
     if isinstance(data, TextDataset):
         return [data.texts, data.labels]
     return [data.prompts, data.chosen, data.rejected]
-
-
-class LazyOpen:
-    """Stands for an LLM client that `opener()` makes on first attribute access."""
-
-    def __init__(self, opener: Callable[[], Any]) -> None:
-        self._opener = opener
-        self._client: Any = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._client is None:
-            self._client = self._opener()
-        return getattr(self._client, name)
-
-
-class CountedLLM:
-    """The LLM client, counting the requests a method makes (its cost per kept row)."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-        self.calls = 0
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        if name not in ("chat", "achat", "complete", "acomplete", "complete_batch"):
-            return attr
-        counted = self
-
-        if name.startswith("a"):
-            async def acall(*args: Any, **kwargs: Any) -> Any:
-                counted.calls += 1
-                return await attr(*args, **kwargs)
-            return acall
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            counted.calls += len(args[0]) if name == "complete_batch" else 1
-            return attr(*args, **kwargs)
-        return call
 
 
 class Comparison:
@@ -206,6 +176,17 @@ class Comparison:
         else:
             task_rows, shown = pool, pool
         made = {m: self.generate(m, s, task_rows, seed_set, shown) for m in self.s.synthetic()}
+        need = math.ceil(MIN_SHARE * self.s.budget)
+        for m, v in made.items():
+            if v is not None and len(v) < need:  # too few to compare: it failed here
+                calls = json.loads((self.work / f"s{s}" / f"{m}.calls.json").read_text())
+                write_text_atomic(self.work / f"s{s}" / f"{m}.failed.json", json.dumps({
+                    "error": f"{m}: {len(v)} of {self.s.budget} usable rows after "
+                             f"{calls['calls']} LLM calls (fewer than {need})",
+                    "calls": calls["calls"]}))
+                made[m] = None
+            else:
+                (self.work / f"s{s}" / f"{m}.failed.json").unlink(missing_ok=True)
         added = {m: v for m, v in made.items() if v is not None}
         if "magpie" in added:
             labeler = model("seed" if self.s.labels == "seed" else "full")
@@ -331,7 +312,7 @@ class Comparison:
         pairs = self.s.task != "toxicity"
         bs = BaselineSettings(seed=s, magpie_prefix=prefix, max_tokens=256 if pairs else 96,
                               max_requests_factor=self.s.request_factor,
-                              concurrency=concurrency)
+                              concurrency=concurrency, allow_short=True)
         if not pairs:
             return synthesize(method, seeds=self.task.examples(shown),  # type: ignore[arg-type]
                               budget=self.s.budget, client=llm, settings=bs,
@@ -367,27 +348,6 @@ class Comparison:
         paths = RunPaths(run_dir)
         return [x for r in range(1, self.s.rounds + 1) for x in read_samples(paths.data(r))]
 
-
-
-class Remembered:
-    """`features` with each text's row remembered: compare fits and scores the same pool,
-    seed and eval texts many times (every method, round and curve point). `add` gives rows
-    computed elsewhere (the ray engine's shards)."""
-
-    def __init__(self, features: Callable[[Sequence[str]], np.ndarray]) -> None:
-        self.features = features
-        self.rows: dict[str, np.ndarray] = {}
-
-    def add(self, texts: Sequence[str], rows: np.ndarray) -> None:
-        self.rows.update(zip(texts, rows, strict=True))
-
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        todo = list(dict.fromkeys(t for t in texts if t not in self.rows))
-        if todo:
-            self.add(todo, self.features(todo))
-        if not texts:
-            return self.features(texts)  # its own error for an empty request
-        return np.stack([self.rows[t] for t in texts])
 
 
 def rows_jsonl(data: Any) -> str:
@@ -489,7 +449,8 @@ def run_compare(
         reference=settings.reference,
         rule=("every synthetic method requested until budget rows passed its own filters "
               f"(at most budget x {settings.request_factor:g} requests), then all were cut to "
-              "the seed's smallest kept count") + (
+              "the seed's smallest kept count; a method with fewer than "
+              f"{math.ceil(MIN_SHARE * settings.budget)} failed on that seed (no row)") + (
             f"; every pick method labelled that many pool rows, {settings.select.batch} a "
             "round, each round's model scoring the next round's pool" if settings.picks()
             else ""),

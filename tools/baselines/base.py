@@ -81,6 +81,9 @@ class BaselineSettings(SamplingSettings):
     label: int = Field(1, ge=0, le=1, description="label the chat-prompted methods aim for")
     max_requests_factor: float = Field(
         5.0, ge=1, description="give up after budget x this many requests")
+    allow_short: bool = Field(
+        False, description="fewer than budget usable texts after the requests: return them "
+        "(compare decides) instead of a BaselineError")
     example_chars: int = Field(
         600, ge=20, description="seed/pool texts shown in prompts are cut to this many chars")
     # self-instruct

@@ -199,7 +199,7 @@ async def asynthesize(
             strategy = SynAlign(chat, settings, known, rng, cast(Features, features))
 
     got = await _drive(method, strategy, known=known, budget=budget, settings=settings,
-                       sleep=sleep)
+                       sleep=sleep, allow_short=settings.allow_short)
     texts = [t for t, _ in got]
     labels: Sequence[int | None]
     if labeler is not None:
