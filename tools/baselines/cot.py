@@ -17,9 +17,11 @@ The paper's recipe for non-verifiable tasks, and what it is here:
 - Filtering: for non-verifiable tasks the paper keeps only prompts that pass RIP (Yu et
   al., 2025, "R.I.P.: Better Models by Survival of the Fittest Prompts": sample responses,
   score them with a reward model, reject prompts whose lowest reward is low). There is no
-  reward judge of prompts offline; facsynth's counterpart is the label gate, which `compare`
-  applies to every method's rows (a row must carry its label as the gate's judges see it),
-  so this module applies only the filters every baseline shares (empty, refusal, duplicate).
+  reward judge of prompts offline; facsynth's counterpart is the label gate (tools/
+  label_gate.py), which fac's loop applies to its rows; `compare` does not yet apply it to
+  the baselines' rows (it reports their label agreement with a detector trained on all real
+  rows instead), so this module applies only the filters every baseline shares (empty,
+  refusal, duplicate).
   Answer-Consistency, the paper's filter for verifiable tasks, has nothing to check here:
   a message has no answer.
 
