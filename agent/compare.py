@@ -52,6 +52,7 @@ from agent.compare_results import (
     LoopStats,
     MethodResult,
     Row,
+    failed_methods,
     loop_stats,
     row_path,
     spearman,
@@ -176,13 +177,16 @@ class Comparison:
         else:
             task_rows, shown = pool, pool
         made = {m: self.generate(m, s, task_rows, seed_set, shown) for m in self.s.synthetic()}
+        disputed = self.gate(made, s, task_rows, seed_set, model)
         need = math.ceil(MIN_SHARE * self.s.budget)
         for m, v in made.items():
             if v is not None and len(v) < need:  # too few to compare: it failed here
                 calls = json.loads((self.work / f"s{s}" / f"{m}.calls.json").read_text())
+                gated = f", {disputed[m]} more disputed by the label gate" if disputed.get(m) \
+                    else ""
                 write_text_atomic(self.work / f"s{s}" / f"{m}.failed.json", json.dumps({
                     "error": f"{m}: {len(v)} of {self.s.budget} usable rows after "
-                             f"{calls['calls']} LLM calls (fewer than {need})",
+                             f"{calls['calls']} LLM calls{gated} (fewer than {need})",
                     "calls": calls["calls"]}))
                 made[m] = None
             else:
@@ -267,6 +271,28 @@ class Comparison:
         return [x.model_copy(update={"label": int(v)}) for x, v in zip(samples, y, strict=True)]
 
     # -- generation -----------------------------------------------------------------------
+    def gate(self, made: dict[str, list[Sample] | None], s: int, task_rows: Any, seed_set: Any,
+             model: Callable[[str], Any]) -> dict[str, int]:
+        """The label gate fac's loop applies to its rows (tools/label_gate.py, the detector
+        judge: the seed model's score of a row must look like real rows of its label, the
+        task rows being the real ones), applied to every baseline's rows but magpie's (a
+        detector labels those); drops the disputed rows in place, returns their counts
+        (also in `s<seed>/<method>.gate.json`)."""
+        gate = self.s.loop_for("fac", s).label_gate
+        out: dict[str, int] = {}
+        if gate.judge == "off":
+            return out
+        for m, rows in made.items():
+            if m not in BASELINES or m == "magpie" or not rows:
+                continue
+            ok = self.task.gate(model("seed"), task_rows, self.task.extend(seed_set.subset([]),
+                                rows), self.features, gate.quantile)
+            kept = [r for r, keep in zip(rows, ok, strict=True) if keep]
+            made[m], out[m] = kept, len(rows) - len(kept)
+            write_text_atomic(self.work / f"s{s}" / f"{m}.gate.json",
+                              json.dumps({"generated": len(rows), "disputed": out[m]}))
+        return out
+
     def generate(self, method: str, s: int, task_rows: Any, seed_set: Any,
                  shown: Any) -> list[Sample] | None:
         """`method`'s generated rows for seed `s` (cached); baselines are shown the real rows
@@ -464,17 +490,3 @@ def run_compare(
         spearman_g_vendi_metric=spearman(methods, "g_vendi"),
         seconds=round(time.monotonic() - started, 1), failures=failures,
     )
-
-
-def failed_methods(folder: Path, settings: CompareSettings) -> dict[str, str]:
-    """method -> which seeds it failed on and the first seed's reason."""
-    out = {}
-    for m in settings.synthetic():
-        seeds = [s for s in range(settings.seeds)
-                 if (folder / f"s{s}" / f"{m}.failed.json").exists()]
-        if seeds:
-            first = json.loads((folder / f"s{seeds[0]}" / f"{m}.failed.json").read_text())
-            out[m] = f"failed on seeds {', '.join(map(str, seeds))}: {first['error']}"
-    return out
-
-

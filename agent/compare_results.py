@@ -4,6 +4,7 @@ method (`MethodResult`, paired differences against the reference), the whole
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -249,3 +250,13 @@ def spearman(methods: dict[str, MethodResult], field: str) -> float:
     return float(spearmanr(xs, ys).statistic)
 
 
+def failed_methods(folder: Path, settings: CompareSettings) -> dict[str, str]:
+    """method -> which seeds it failed on and the first seed's reason."""
+    out = {}
+    for m in settings.synthetic():
+        seeds = [s for s in range(settings.seeds)
+                 if (folder / f"s{s}" / f"{m}.failed.json").exists()]
+        if seeds:
+            first = json.loads((folder / f"s{seeds[0]}" / f"{m}.failed.json").read_text())
+            out[m] = f"failed on seeds {', '.join(map(str, seeds))}: {first['error']}"
+    return out

@@ -94,17 +94,29 @@ def test_compare_end_to_end_equal_kept_and_paired(parts, tmp_path, monkeypatch) 
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["protocol"] == "seed" and out["reference"] == "seed"
     methods = out["methods"]
-    assert set(methods) == {"seed", "full", "fac", "fac-pos", "random"}
+    assert {"seed", "full", "fac", "fac-pos"} <= set(methods) <= {
+        "seed", "full", "fac", "fac-pos", "random"}
     # the writer never writes CoT-Self-Instruct's answer marker: that baseline fails on every
     # seed, is reported, and neither stops the compare nor cuts the others' kept rows
     assert out["failures"]["cot-self-instruct"].startswith("failed on seeds 0, 1: ")
     assert "usable rows" in out["failures"]["cot-self-instruct"] and min(out["kept"]) >= 1
     assert "cot-self-instruct failed on seeds 0, 1" in " ".join(res.output.split())
-    for name in ("fac", "fac-pos", "random"):  # equal kept budgets per seed
+    # the baselines' rows pass fac's label gate (the seed model's detector judge) first: the
+    # writer's random words claimed toxic are disputed, and too few left is a failure
+    for s in (0, 1):
+        gated = json.loads(next((tmp_path / "w").glob(f"*/s{s}/random.gate.json")).read_text())
+        left = gated["generated"] - gated["disputed"]
+        assert 0 <= left <= gated["generated"]
+        if left == 0:
+            assert "disputed by the label gate" in out["failures"]["random"]
+        else:
+            assert out["kept"][s] <= left
+    for name in {"fac", "fac-pos", "random"} & set(methods):  # equal kept budgets per seed
         assert methods[name]["n_added"] == np.mean(out["kept"])
         assert methods[name]["paired"]["n"] == 2
     assert methods["seed"]["paired"] is None and methods["seed"]["n_added"] == 0
-    assert methods["fac"]["loop"]["requests"] > 0 and methods["random"]["loop"] is None
+    assert methods["fac"]["loop"]["requests"] > 0
+    assert "random" not in methods or methods["random"]["loop"] is None
     assert methods["full"]["n_train"] > methods["seed"]["n_train"]
     assert 0 <= methods["seed"]["fac_graded"] <= 1
     assert "toxicity task" in res.output and "seed protocol" in res.output
