@@ -26,8 +26,8 @@ every choice made for it):
 
 - `cot-self-instruct` (Yu et al., 2025; `cot`): reason step by step over two seed texts
   (what makes them what they are), plan, then write one new text after a marker; only the
-  text after it is kept. Its RIP filter's counterpart would be the label gate, which compare
-  does not yet apply to baselines (their label agreement is reported instead).
+  text after it is kept. Its RIP filter is, here, the label gate compare applies to every
+  baseline's rows (`Comparison.gate`).
 - `sao` (Yin et al., 2025; `sao`): fully self-synthetic: messages in the voice of personas
   (prompts/sao_personas.v1.md); for the reward task two sampled replies the model ranks
   itself, the winner chosen.

@@ -18,10 +18,9 @@ The paper's recipe for non-verifiable tasks, and what it is here:
   al., 2025, "R.I.P.: Better Models by Survival of the Fittest Prompts": sample responses,
   score them with a reward model, reject prompts whose lowest reward is low). There is no
   reward judge of prompts offline; facsynth's counterpart is the label gate (tools/
-  label_gate.py), which fac's loop applies to its rows; `compare` does not yet apply it to
-  the baselines' rows (it reports their label agreement with a detector trained on all real
-  rows instead), so this module applies only the filters every baseline shares (empty,
-  refusal, duplicate).
+  label_gate.py), which fac's loop applies to its rows and `compare` to every baseline's
+  (`Comparison.gate`), so this module applies only the filters every baseline shares
+  (empty, refusal, duplicate).
   Answer-Consistency, the paper's filter for verifiable tasks, has nothing to check here:
   a message has no answer.
 
