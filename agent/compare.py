@@ -189,7 +189,7 @@ class Comparison:
                              f"{calls['calls']} LLM calls{gated} (fewer than {need})",
                     "calls": calls["calls"]}))
                 made[m] = None
-            else:
+            elif v is not None:  # enough now (None: generate's BaselineError, kept on file)
                 (self.work / f"s{s}" / f"{m}.failed.json").unlink(missing_ok=True)
         added = {m: v for m, v in made.items() if v is not None}
         if "magpie" in added:
