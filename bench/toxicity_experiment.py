@@ -34,7 +34,6 @@ from agent.compare_report import curve_table, html_report, table  # noqa: E402
 from agent.runs import build_settings  # noqa: E402
 from tools.data import write_text_atomic  # noqa: E402
 from tools.detector import DetectorSettings  # noqa: E402
-from tools.paired import paired_diff  # noqa: E402
 
 
 def main() -> None:
@@ -100,15 +99,16 @@ def main() -> None:
     Console(width=200).print(table(result))
     if settings.picks():
         Console(width=200).print(curve_table(result))
-    seed_auprc = result.methods["seed"].per_seed_metric if "seed" in result.methods else None
     methods = {}
     for name, m in result.methods.items():
         methods[name] = {
             "n_train": m.n_train, "fac": m.fac, "fac_graded": m.fac_graded,
             "auprc_mean": m.metric_mean, "auprc_std": m.metric_std,
             "auroc_mean": m.means.get("auroc"),
-            "paired_vs_seed": paired_diff(m.per_seed_metric, seed_auprc).model_dump()
-            if seed_auprc is not None and name != "seed" else None,
+            # compare pairs each method with the reference on the seeds it has a row for
+            # (a method that failed on a seed has none there)
+            "paired_vs_seed": m.paired.model_dump()
+            if m.paired is not None and result.reference == "seed" else None,
             "paired_vs_random": m.paired_random.model_dump() if m.paired_random else None,
             "positives": m.positives,
             "curve": {k: p.model_dump() for k, p in m.curve.items()},
