@@ -121,13 +121,19 @@ def test_compare_runs_a_pair_task(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     result = run_compare(_anchor(tmp_path, task, COMPARE_ROWS[task]), settings, work=tmp_path / "w")
     assert result.task == task and result.metric == get_task(task).headline
     methods = result.methods
-    assert set(methods) == set(COMPARE_METHODS[task])
-    for name in set(methods) - {"seed", "full"}:  # equal kept budgets per seed
-        assert methods[name].n_added == sum(result.kept) / 2
-        assert methods[name].paired is not None and methods[name].paired.n == 2
+    # a method with under half its budget on a seed (the scripted writer's pairs often fail
+    # the label gate or the verifier) has no row there, and says why
+    assert {"seed"} <= set(methods)
+    assert set(methods) | set(result.failures) == set(COMPARE_METHODS[task])
+    for why in result.failures.values():
+        assert why.startswith("failed on seeds ") and "usable rows" in why
+    for name in set(methods) - {"seed", "full"}:  # equal kept budgets on its seeds
+        n = methods[name].paired.n if methods[name].paired is not None else 0
+        assert n >= 1 and len(methods[name].per_seed_metric) == n
+        assert methods[name].n_added >= 1
     if "full" in methods:
         assert methods["full"].n_train > methods["seed"].n_train
-    assert all(len(m.per_seed_metric) == 2 for m in methods.values())
+    assert len(methods["seed"].per_seed_metric) == 2
     assert f"{task} task" in html_report(result)
     with pytest.raises(Exception, match="text baseline"):
         CompareSettings(task=task, methods=["seed", "magpie"]).check()

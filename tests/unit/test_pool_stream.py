@@ -162,8 +162,8 @@ def test_improve_flags_pick_the_ray_engine_and_the_config_keeps_it(tmp_path) -> 
     from typer.testing import CliRunner
 
     from agent.cli import app
-    from agent.cli.improve import _pool, _ray_pool
-    from agent.cli.measure import Engine
+    from agent.cli.improve import _pool
+    from agent.cli.measure import Engine, ray_pool
     from agent.runs import load_pool
     from tools.rundir import RunConfig
 
@@ -173,7 +173,7 @@ def test_improve_flags_pick_the_ray_engine_and_the_config_keeps_it(tmp_path) -> 
     res = CliRunner().invoke(app, [*base, "--engine", "ray"])
     assert res.exit_code == 2 and "--engine ray probes and picks from a pool" in res.output
     pool = _pool(tmp_path / "p.jsonl", None, "human", "fac", 25, 100, "text", "label",
-                 _ray_pool(Engine.ray, tmp_path / "s", None, 2, None))
+                 ray_pool(Engine.ray, tmp_path / "s", None, 2, None))
     cfg = RunConfig(anchor="a", data="d", pool=pool)
     cfg.write(tmp_path)
     back = RunConfig.read(tmp_path).pool
