@@ -38,8 +38,8 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy  # strict on tools/ and memory/ (pyproject's overrides)
 
-# lint and every test but the slow tier (a newcomer's check, ~15 minutes from a fresh clone
-# on a busy 2-core machine, setup included)
+# lint and every test but the slow tier (a newcomer's check, ~14 minutes from a fresh clone
+# on a quiet 2-core machine, setup included)
 test: lint
 	$(BIN)/pytest -q -m "not slow"
 
