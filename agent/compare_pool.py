@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 from pydantic import BaseModel, Field
 
-from tools.coverage import activity, feature_thresholds
+from tools.coverage import activity, feature_thresholds, max_activity
 from tools.data import TextDataset, write_text_atomic
 from tools.errors import ConfigError
 from tools.pool.select import PoolView, SelectSettings, curve_points, pick_new
@@ -80,10 +80,7 @@ class PoolArrays:
         far = [t for t in dict.fromkeys(candidates.texts) if t not in known]
         probe = ws.probe(TextDataset(near, None, "pool"))
         keys = text_keys(far)
-        maxes = shards.max_matrix(keys)
-        far_active = maxes.copy()
-        far_active.data = (maxes.data > thresholds[maxes.indices]).astype(np.float32)
-        far_active.eliminate_zeros()
+        far_active = max_activity(shards.max_matrix(keys), thresholds)
         self.index = {t: i for i, t in enumerate([*near, *far])}
         self.active = sp.vstack([activity(probe, rule, thresholds), far_active]).tocsr()
         self.pooled = np.concatenate([probe.pooled(), shards.pooled(keys)])

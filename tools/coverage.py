@@ -81,14 +81,21 @@ def feature_thresholds(rule: ActivityRule, anchor_max: sp.csr_matrix) -> np.ndar
 
 def activity(result: ProbeResult, rule: ActivityRule, thresholds: np.ndarray) -> sp.csr_matrix:
     """[n_texts, d_sae] 0/1 matrix: feature active in text under `rule`."""
-    if rule.pooling == "count":
-        counts = result.count_matrix(thresholds)
-        keep = counts.data >= rule.min_tokens
-    else:
-        counts = result.max_matrix()
-        keep = counts.data > thresholds[counts.indices]
+    if rule.pooling != "count":
+        return max_activity(result.max_matrix(), thresholds)
+    counts = result.count_matrix(thresholds)
     m = counts.copy()
-    m.data = keep.astype(np.float32)
+    m.data = (counts.data >= rule.min_tokens).astype(np.float32)
+    m.eliminate_zeros()
+    return m
+
+
+def max_activity(maxes: sp.csr_matrix, thresholds: np.ndarray) -> sp.csr_matrix:
+    """[n_texts, d_sae] 0/1 matrix of max pooling: a feature is active where its max
+    activation exceeds its threshold (`activity`'s rule, for max matrices read elsewhere,
+    e.g. from shards; `maxes` itself is left as it is)."""
+    m = maxes.copy()  # its arrays may be Arrow's, read-only
+    m.data = (maxes.data > thresholds[maxes.indices]).astype(np.float32)
     m.eliminate_zeros()
     return m
 

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from tools.coverage import ActivityRule
+from tools.coverage import ActivityRule, max_activity
 from tools.errors import ConfigError, DataError
 from tools.pool.select import (
     NEEDS_SCORES,
@@ -120,11 +120,9 @@ def shard_chunks(
     for c in shards.iter_chunks(open_rows.keys, chunk_rows=chunk_rows):
         assert c.pooled is not None
         pos = np.searchsorted(open_rows.keys, c.keys)
-        active = c.max.copy()  # its arrays may be Arrow's, read-only
-        active.data = (active.data > thresholds[active.indices]).astype(np.float32)
-        active.eliminate_zeros()
         found += len(pos)
-        yield StreamChunk(open_rows.row[pos], open_rows.count[pos], active, c.pooled,
+        yield StreamChunk(open_rows.row[pos], open_rows.count[pos],
+                          max_activity(c.max, thresholds), c.pooled,
                           None if score is None else np.asarray(score(c.pooled)))
     if found < len(open_rows.keys):
         raise DataError(f"{len(open_rows.keys) - found} of {len(open_rows.keys)} open pool "
