@@ -131,8 +131,7 @@ class PoolPicker:
         """The external pool probed on Ray (a rerun probes only what its shards lack)."""
         from tools.ray_probe import ray_probe
 
-        if self.external_path is None:
-            raise ConfigError("--engine ray probes the --pool file on Ray: give --pool FILE")
+        assert self.external_path is not None  # run_compare refuses ray without --pool
         r = self.comp.s.ray
         self.comp.progress("probing the pool on Ray")
         return ray_probe(self.external_path, settings=self.comp.ws.settings,

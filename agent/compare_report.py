@@ -91,8 +91,7 @@ def curve_table(result: CompareResult) -> Table:
         t.add_column(c, justify="left" if c == "method" else "right")
     for r in body:
         t.add_row(*r)
-    if result.failures:
-        t.caption = "; ".join(f"{m} {why}" for m, why in result.failures.items())
+    t.caption = failure_line(result)
     return t
 
 
@@ -104,6 +103,11 @@ def shown(result: CompareResult) -> tuple[list[str], list[list[str]]]:
     return [head[i] for i in keep], [[r[i] for i in keep] for r in body]
 
 
+def failure_line(result: CompareResult) -> str | None:
+    """The methods that failed on some seeds, and why (a table's caption)."""
+    return "; ".join(f"{m} {why}" for m, why in result.failures.items()) or None
+
+
 def table(result: CompareResult) -> Table:
     t = Table(title=f"compare: {result.task} task, {label(result)} x 100 ({result.protocol} "
                     f"protocol, reference {result.reference}, {result.settings.seeds} seeds, "
@@ -113,8 +117,7 @@ def table(result: CompareResult) -> Table:
         t.add_column(c, justify="left" if c == "method" else "right")
     for r in body:
         t.add_row(*r)
-    if result.failures:
-        t.caption = "; ".join(f"{m} {why}" for m, why in result.failures.items())
+    t.caption = failure_line(result)
     return t
 
 

@@ -115,8 +115,8 @@ class CompareResult(BaseModel):
     spearman_g_vendi_metric: float = float("nan")
     seconds: float = 0.0
     failures: dict[str, str] = Field(
-        default_factory=dict, description="baselines that could not write the budget of usable "
-        "rows within their requests on some seeds (no row there; see the message)")
+        default_factory=dict, description="synthetic methods with fewer than half the budget "
+        "of usable rows on some seeds (no row there; the message says why)")
 
 
 class Row(BaseModel):

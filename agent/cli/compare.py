@@ -191,9 +191,6 @@ def compare(
                                if task == "toxicity" else PAIR_METHODS)
         if pool is not None and labels != "pool":
             raise ConfigError("--pool needs --labels pool")
-        if engine is Engine.ray and pool is None:
-            raise ConfigError("--engine ray probes the --pool file on Ray: give --labels "
-                              "pool --pool FILE")
         settings = validated(
             CompareSettings, "compare options", task=task,
             task_options=task_options(task_option), fields=key_values(field, "--field"),
