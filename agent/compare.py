@@ -296,9 +296,10 @@ class Comparison:
     def generate(self, method: str, s: int, task_rows: Any, seed_set: Any,
                  shown: Any) -> list[Sample] | None:
         """`method`'s generated rows for seed `s` (cached); baselines are shown the real rows
-        `shown` (the seed set, or the pool under the anchor protocol). None: a baseline that
-        could not write `budget` usable rows within its requests (its seed has no row for
-        it, and the other methods' kept count is not cut to its few)."""
+        `shown` (the seed set, or the pool under the anchor protocol). A baseline returns
+        what it wrote, however few (`run_seed` decides whether that is a failure); None: it
+        raised a BaselineError (the LLM still failing after its retries, no seed text),
+        recorded in `<method>.failed.json`."""
         path = self.work / f"s{s}" / f"{method}.jsonl"
         run = RunPaths(self.work / f"s{s}" / method)
         if method not in BASELINES and run.config.exists():
