@@ -3,9 +3,11 @@
 On the embedded model and SAE, in one run:
 
 (a) rows/s of the local engine (`tools.probe.probe_texts` through a fresh activation
-    cache, model already loaded) and of the ray engine (`tools.ray_probe.ray_probe` into
-    fresh shards; its probing pass, actor start-up included) on the same first
-    `--rate-rows` pool rows;
+    cache, from a cold start: model and SAE load included) and of the ray engine
+    (`tools.ray_probe.ray_probe` into fresh shards; its probing pass, actor start-up and
+    so model load included) on the same first `--rate-rows` pool rows; the local
+    probing's own rate too, which (b)'s long ray pass is set beside (its start-up spread
+    over the whole pool);
 (b) the pool (the shared toxicity corpora in ../shared/data/toxicity, shuffled, near- and
     exact duplicates kept) probed once on ray up to the largest size (resumable: rerun
     and it skips what is done);
@@ -42,6 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tools.data import TextDataset, load_texts
+from tools.ray_cluster import BATCH_SIZE
 from tools.settings import Settings
 
 if TYPE_CHECKING:
@@ -65,20 +68,23 @@ def build_pool(n: int, corpora: Path, out: Path) -> list[str]:
     return texts
 
 
-def rate_local(texts: list[str], settings: Settings) -> float:
+def rate_local(texts: list[str], settings: Settings) -> tuple[float, float]:
+    """(rows/s from a cold start: model and SAE load included, as in the ray pass's actor
+    start-up; rows/s of the probing alone) through a fresh activation cache."""
     from memory.activation_cache import ActivationCache
     from tools.probe import probe_texts
     from tools.workspace import Workspace
 
-    ws = Workspace(settings)
-    lm, sae = ws.model, ws.sae
     with tempfile.TemporaryDirectory() as tmp:
+        cold = time.perf_counter()
+        ws = Workspace(settings)
+        lm, sae = ws.model, ws.sae
         cache = ActivationCache(Path(tmp) / "acts.sqlite")
         start = time.perf_counter()
         probe_texts(texts, lm, sae, settings.probe_settings(), cache=cache)
-        seconds = time.perf_counter() - start
+        end = time.perf_counter()
         cache.close()
-    return len(texts) / seconds
+    return len(texts) / (end - cold), len(texts) / (end - start)
 
 
 def rate_ray(pool: Path, settings: Settings, args: argparse.Namespace) -> tuple[float, float]:
@@ -182,7 +188,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("bench/out/scale"))
     ap.add_argument("--corpora", type=Path, default=SHARED, help="folder of *.jsonl pools")
     ap.add_argument("--anchor", type=Path, default=SHARED / "toxicchat_train.jsonl")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--concurrency", type=int, default=None)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -199,8 +205,9 @@ def main() -> None:
     print(f"pool: {len(texts)} rows ({len(set(texts))} distinct) from {args.corpora}; "
           f"anchor {args.anchor.name}", flush=True)
 
-    local = rate_local(texts[:n_rate], settings)
-    print(f"(a) local engine: {local:7.1f} rows/s on {n_rate} rows (fresh cache)", flush=True)
+    local, warm = rate_local(texts[:n_rate], settings)
+    print(f"(a) local engine: {local:7.1f} rows/s on {n_rate} rows (fresh cache, model load "
+          f"included; {warm:.1f} rows/s probing alone)", flush=True)
     ray_rate, ray_wall = rate_ray(rate_pool, settings, args)
     print(f"    ray engine:   {ray_rate:7.1f} rows/s on the same rows (fresh shards; "
           f"{ray_wall:.0f}s with cluster start and the hashing pass)", flush=True)
@@ -214,6 +221,10 @@ def main() -> None:
     print(f"(b) pool on ray: {run.probed} texts probed in {run.seconds:.0f}s "
           f"({run.probed / max(run.seconds, 1e-9):.1f} rows/s; {time.perf_counter() - start:.0f}s"
           f" in all), {len(run.shards.files())} parts", flush=True)
+    if run.probed:
+        print(f"    steady state: ray's pool pass / local probing alone = "
+              f"{run.probed / run.seconds / warm:.2f} (the pool's rows, not (a)'s alone)",
+              flush=True)
     Workspace(settings).probe(load_texts(args.anchor, require_labels=True))  # cache it once
 
     print("(c) coverage per size, a fresh process each (process: start-up, model load, the "

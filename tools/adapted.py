@@ -226,8 +226,8 @@ def train_adapter(
     import torch
     from peft import LoraConfig, TaskType
 
-    from tools.detector import adamw_linear_decay, attach_lora, autocast_for, collate_ids
-    from tools.detector import length_batches as batches_of
+    from tools.lora_detector import adamw_linear_decay, attach_lora, autocast_for, collate_ids
+    from tools.lora_detector import length_batches as batches_of
     from tools.models import load_model
 
     if not examples:

@@ -43,7 +43,7 @@ from tools.probe import (
     probe_batch,
     top_spans,
 )
-from tools.ray_cluster import plan_actors, ray_cluster
+from tools.ray_cluster import BATCH_SIZE, plan_actors, ray_cluster
 from tools.ray_io import ShardSink, pool_keys, read_pool, todo_rows
 from tools.sae import check_fits, load_sae
 from tools.settings import Settings
@@ -183,7 +183,7 @@ def _project_error(e: BaseException, source: str, text_field: str) -> FacsynthEr
 
 def ray_probe(
     source: str | Path, *, settings: Settings, out_dir: Path | None = None,
-    text_field: str = "text", concurrency: int | None = None, batch_size: int = 64,
+    text_field: str = "text", concurrency: int | None = None, batch_size: int = BATCH_SIZE,
     address: str | None = None, progress: Progress | None = None,
     on_total: Progress | None = None, rows_per_shard: int | None = None,
 ) -> ProbeRun:

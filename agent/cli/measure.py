@@ -32,6 +32,7 @@ from agent.cli.common import (
 )
 from agent.runs import build_settings as settings_from
 from tools.errors import ConfigError
+from tools.ray_cluster import BATCH_SIZE
 
 if TYPE_CHECKING:
     from tools.ray_probe import ProbeRun
@@ -55,7 +56,7 @@ RayAddressOpt = Annotated[str | None, typer.Option(
 ConcurrencyOpt = Annotated[int | None, typer.Option(
     min=1, help="--engine ray: probe actors (default: one per GPU, else one per 4 CPUs)")]
 BatchSizeOpt = Annotated[int | None, typer.Option(
-    min=1, help="--engine ray: texts per actor call (default 64)")]
+    min=1, help=f"--engine ray: texts per actor call (default {BATCH_SIZE})")]
 
 
 @contextmanager
@@ -84,7 +85,7 @@ def _ray_run(data: str, settings: Settings, text_field: str, shards: Path | None
 
     with _ray_progress() as (advance, set_total):
         run = ray_probe(data, settings=settings, out_dir=shards, text_field=text_field,
-                        concurrency=concurrency, batch_size=batch_size or 64,
+                        concurrency=concurrency, batch_size=batch_size or BATCH_SIZE,
                         address=ray_address, progress=advance, on_total=set_total)
     rate = f"{run.probed / run.seconds:.1f} rows/s" if run.probed and run.seconds else "none new"
     err.print(f"ray: {run.probed} texts probed in {run.seconds:.1f}s ({rate}); "

@@ -15,6 +15,7 @@ from tools.errors import ConfigError, DataError
 from tools.pool.select import STRATEGIES, PoolView, SelectSettings, pick_new
 from tools.pool.stream import Labelled, OpenRows, StreamChunk, shard_chunks, stream_pick
 from tools.probe import ProbeResult, probe_texts
+from tools.ray_cluster import BATCH_SIZE
 from tools.shards import text_keys
 from tools.verify import NearDuplicates
 
@@ -178,5 +179,5 @@ def test_improve_flags_pick_the_ray_engine_and_the_config_keeps_it(tmp_path) -> 
     cfg.write(tmp_path)
     back = RunConfig.read(tmp_path).pool
     assert back is not None and back.engine == "ray" and back.ray.concurrency == 2
-    assert back.ray.shards == str(tmp_path / "s") and back.ray.batch_size == 64
+    assert back.ray.shards == str(tmp_path / "s") and back.ray.batch_size == BATCH_SIZE
     assert load_pool(cfg) is None  # streamed: the pool's rows are never loaded

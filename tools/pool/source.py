@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tools.pool.labels import Labeler
 from tools.pool.select import SelectSettings
+from tools.ray_cluster import BATCH_SIZE
 
 Source = Literal["generate", "pool", "both"]
 PoolEngine = Literal["local", "ray"]
@@ -28,7 +29,7 @@ class RayPool(BaseModel):
                                 "else a single-node cluster on this machine)")
     concurrency: int | None = Field(None, ge=1, description="probe actors (default: one per "
                                     "GPU, else one per 4 CPUs)")
-    batch_size: int = Field(64, ge=1, description="texts per probe actor call")
+    batch_size: int = Field(BATCH_SIZE, ge=1, description="texts per probe actor call")
     candidates: int | None = Field(None, ge=1, description="rows each strategy keeps while "
                                    "streaming (default max(20 x batch, 500)); more is closer "
                                    "to the in-memory pick and costs memory")
