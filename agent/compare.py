@@ -23,7 +23,8 @@ Protocols (`labels`), stated in every result:
   the whole pool.
 
 Equal kept budgets: every synthetic method requests until `budget` rows pass its own
-filters (every method spends at most `request_factor * budget` requests), then all of a
+filters and fac's label gate (every baseline's but magpie's, whose rows a detector labels;
+every method spends at most `request_factor * budget` requests), then all of a
 seed's methods are cut to that seed's smallest kept count (a seeded random subset), so every
 method adds the same number of rows. A method with fewer than half the budget on a seed
 (`MIN_SHARE`: a 135M writer rarely follows CoT-Self-Instruct's answer marker) has failed
@@ -46,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.compare_parts import CountedLLM, LazyOpen, Remembered
+from agent.compare_parts import CountedGate, CountedLLM, LazyOpen, Remembered
 from agent.compare_results import (
     CompareResult,
     LoopStats,
@@ -176,14 +177,15 @@ class Comparison:
             shown = seed_set
         else:
             task_rows, shown = pool, pool
-        made = {m: self.generate(m, s, task_rows, seed_set, shown) for m in self.s.synthetic()}
-        disputed = self.gate(made, s, task_rows, seed_set, model)
+        gate = self.gate(s, task_rows, seed_set, model)
+        made = {m: self.generate(m, s, task_rows, seed_set, shown, gate)
+                for m in self.s.synthetic()}
         need = math.ceil(MIN_SHARE * self.s.budget)
         for m, v in made.items():
             if v is not None and len(v) < need:  # too few to compare: it failed here
                 calls = json.loads((self.work / f"s{s}" / f"{m}.calls.json").read_text())
-                gated = f", {disputed[m]} more disputed by the label gate" if disputed.get(m) \
-                    else ""
+                gated = f", {calls['disputed']} more disputed by the label gate" \
+                    if calls.get("disputed") else ""
                 write_text_atomic(self.work / f"s{s}" / f"{m}.failed.json", json.dumps({
                     "error": f"{m}: {len(v)} of {self.s.budget} usable rows after "
                              f"{calls['calls']} LLM calls{gated} (fewer than {need})",
@@ -271,35 +273,34 @@ class Comparison:
         return [x.model_copy(update={"label": int(v)}) for x, v in zip(samples, y, strict=True)]
 
     # -- generation -----------------------------------------------------------------------
-    def gate(self, made: dict[str, list[Sample] | None], s: int, task_rows: Any, seed_set: Any,
-             model: Callable[[str], Any]) -> dict[str, int]:
+    def gate(self, s: int, task_rows: Any, seed_set: Any,
+             model: Callable[[str], Any]) -> Callable[[Sample], bool] | None:
         """The label gate fac's loop applies to its rows (tools/label_gate.py, the detector
         judge: the seed model's score of a row must look like real rows of its label, the
-        task rows being the real ones), applied to every baseline's rows but magpie's (a
-        detector labels those); drops the disputed rows in place, returns their counts
-        (also in `s<seed>/<method>.gate.json`)."""
-        gate = self.s.loop_for("fac", s).label_gate
-        out: dict[str, int] = {}
-        if gate.judge == "off":
-            return out
-        for m, rows in made.items():
-            if m not in BASELINES or m == "magpie" or not rows:
-                continue
-            ok = self.task.gate(model("seed"), task_rows, self.task.extend(seed_set.subset([]),
-                                rows), self.features, gate.quantile)
-            kept = [r for r, keep in zip(rows, ok, strict=True) if keep]
-            made[m], out[m] = kept, len(rows) - len(kept)
-            write_text_atomic(self.work / f"s{s}" / f"{m}.gate.json",
-                              json.dumps({"generated": len(rows), "disputed": out[m]}))
-        return out
+        task rows being the real ones), as the last filter of every baseline's request loop
+        but magpie's (a detector labels those): a disputed row is a spent request, so a
+        baseline, like fac, requests until `budget` rows pass it or its requests run out.
+        None: `label_gate.judge=off`."""
+        settings = self.s.loop_for("fac", s).label_gate
+        if settings.judge == "off":
+            return None
+        empty = seed_set.subset([])
 
-    def generate(self, method: str, s: int, task_rows: Any, seed_set: Any,
-                 shown: Any) -> list[Sample] | None:
+        def check(row: Sample) -> bool:
+            ok = self.task.gate(model("seed"), task_rows, self.task.extend(empty, [row]),
+                                self.features, settings.quantile)
+            return bool(ok[0])
+
+        return check
+
+    def generate(self, method: str, s: int, task_rows: Any, seed_set: Any, shown: Any,
+                 gate: Callable[[Sample], bool] | None = None) -> list[Sample] | None:
         """`method`'s generated rows for seed `s` (cached); baselines are shown the real rows
         `shown` (the seed set, or the pool under the anchor protocol). A baseline returns
         what it wrote, however few (`run_seed` decides whether that is a failure); None: it
         raised a BaselineError (the LLM still failing after its retries, no seed text),
-        recorded in `<method>.failed.json`."""
+        recorded in `<method>.failed.json`. `gate` (see `Comparison.gate`) checks a
+        baseline's rows but magpie's; `<method>.calls.json` counts the rows it disputed."""
         path = self.work / f"s{s}" / f"{method}.jsonl"
         run = RunPaths(self.work / f"s{s}" / method)
         if method not in BASELINES and run.config.exists():
@@ -315,23 +316,26 @@ class Comparison:
             return None
         self.progress(f"seed {s}: generating {method}")
         llm = CountedLLM(self.llm)
+        counted = CountedGate(gate) if gate is not None and method != "magpie" else None
         if method in BASELINES:
             from tools.baselines import BaselineError
 
             try:
-                samples = self.baseline(method, s, shown, llm)
+                samples = self.baseline(method, s, shown, llm, counted)
             except BaselineError as e:  # reported (`failures`); the other methods go on
                 log.warning("seed %d: %s", s, e)
                 write_text_atomic(failed, json.dumps({"error": str(e), "calls": llm.calls}))
                 return None
         else:
             samples = self.fac(method, s, task_rows, seed_set, llm)
-        write_text_atomic(path.with_name(f"{method}.calls.json"),
-                          json.dumps({"calls": llm.calls, "kept": len(samples)}))
+        disputed = counted.disputed if counted else 0
+        write_text_atomic(path.with_name(f"{method}.calls.json"), json.dumps(
+            {"calls": llm.calls, "kept": len(samples), "disputed": disputed}))
         write_text_atomic(path, "".join(x.model_dump_json() + "\n" for x in samples))
         return samples
 
-    def baseline(self, method: str, s: int, shown: Any, llm: Any) -> list[Sample]:
+    def baseline(self, method: str, s: int, shown: Any, llm: Any,
+                 gate: Callable[[Sample], bool] | None) -> list[Sample]:
         from tools.baselines import BaselineSettings, magpie_prefix, synthesize
 
         prefix = magpie_prefix(self.ws.model.tokenizer) if method == "magpie" else None
@@ -343,12 +347,12 @@ class Comparison:
         if not pairs:
             return synthesize(method, seeds=self.task.examples(shown),  # type: ignore[arg-type]
                               budget=self.s.budget, client=llm, settings=bs,
-                              features=self.features)
+                              features=self.features, gate=gate)
         # a pair task's baselines write whole pairs in the task's layout (tools/baselines/pairs)
         from tools.baselines.pairs import synthesize_pairs
 
         return synthesize_pairs(method, self.task, data=shown, budget=self.s.budget,
-                                client=llm, settings=bs)
+                                client=llm, settings=bs, gate=gate)
 
     def fac(self, method: str, s: int, task_rows: Any, seed_set: Any,
             llm: Any) -> list[Sample]:

@@ -1,12 +1,16 @@
 """What one compare shares across its seeds and methods: the LLM client, opened on first use
-and counted per method, and each text's features, remembered (agent/compare.py)."""
+and counted per method, the label gate's disputes per method, and each text's features,
+remembered (agent/compare.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tools.verify import Sample
 
 
 class LazyOpen:
@@ -25,15 +29,18 @@ class LazyOpen:
 class CountedLLM:
     """The LLM client, counting the requests a method makes (its cost per kept row)."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, root: CountedLLM | None = None) -> None:
         self._client = client
+        self._root = root
         self.calls = 0
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
+        if name in ("with_max_tokens", "with_json_schema"):  # its calls count here too
+            return lambda *args, **kwargs: CountedLLM(attr(*args, **kwargs), self._root or self)
         if name not in ("chat", "achat", "complete", "acomplete", "complete_batch"):
             return attr
-        counted = self
+        counted = self._root or self
 
         if name.startswith("a"):
             async def acall(*args: Any, **kwargs: Any) -> Any:
@@ -45,6 +52,19 @@ class CountedLLM:
             counted.calls += len(args[0]) if name == "complete_batch" else 1
             return attr(*args, **kwargs)
         return call
+
+
+class CountedGate:
+    """A label gate (row -> keep), counting the rows it disputes."""
+
+    def __init__(self, gate: Callable[[Sample], bool]) -> None:
+        self.gate = gate
+        self.disputed = 0
+
+    def __call__(self, row: Sample) -> bool:
+        ok = self.gate(row)
+        self.disputed += not ok
+        return ok
 
 
 class Remembered:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from tools.errors import ConfigError
+from tools.generate import longer_replies
 from tools.settings import Settings
 
 if TYPE_CHECKING:
@@ -89,6 +90,9 @@ class LazyLLM:
                         max_tokens: int | None = None) -> str:
         return str(await self._opener().acomplete(prompt, temperature=temperature, seed=seed,
                                                   max_tokens=max_tokens))
+
+    def with_max_tokens(self, n: int) -> Any:
+        return longer_replies(self._opener(), n)
 
     def with_json_schema(self, schema: dict[str, Any], name: str = "reply") -> Any:
         client = self._opener()
@@ -163,6 +167,12 @@ class LangChainClient:
             options["max_tokens"] = max_tokens
         with _transient_errors():
             return str(await self.completions.ainvoke(prompt, **options))
+
+    def with_max_tokens(self, n: int) -> LangChainClient:
+        """A client whose replies may run to `n` tokens (e.g. a chain of thought before the
+        answer), instead of the generator's max_new_tokens."""
+        return LangChainClient(self.model.bind(max_tokens=n), self.name,
+                               completions=self.completions, structured=self.structured)
 
     def with_json_schema(self, schema: dict[str, Any], name: str = "reply") -> LangChainClient:
         """A client whose `chat` replies are constrained to `schema` on a vLLM backend

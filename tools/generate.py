@@ -21,7 +21,7 @@ import logging
 import random
 import re
 from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
-from typing import Literal, NamedTuple, Protocol, cast
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
 from pydantic import BaseModel, Field
 
@@ -43,6 +43,13 @@ class AsyncChatClient(Protocol):
     name: str
 
     async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str: ...
+
+
+def longer_replies(client: Any, n: int) -> Any:
+    """`client.with_max_tokens(n)`, replies of up to `n` tokens (a chain of thought before
+    the answer), where the client offers it (the real backends), else the client itself."""
+    longer = getattr(client, "with_max_tokens", None)
+    return longer(n) if callable(longer) else client
 
 
 class SteeringChatClient(AsyncChatClient, Protocol):

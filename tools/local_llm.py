@@ -342,6 +342,10 @@ class LocalChat:
         return await self._submit("chat", (system, user), temperature, seed, self.max_new_tokens,
                                   steer)
 
+    def with_max_tokens(self, n: int) -> _LongerChat:
+        """This client, its chat replies up to `n` tokens (batched with its other requests)."""
+        return _LongerChat(self, n)
+
     async def acomplete(
         self, prompt: str, *, temperature: float, seed: int, max_tokens: int | None = None
     ) -> str:
@@ -398,3 +402,13 @@ class LocalChat:
         return self.complete_batch(texts, temperature=first.temperature,
                                    seeds=[r.seed for r in batch],
                                    max_new_tokens=first.max_new_tokens)
+
+
+class _LongerChat:
+    """`LocalChat.with_max_tokens`: the same model and queue, longer chat replies."""
+
+    def __init__(self, chat: LocalChat, n: int) -> None:
+        self.chat, self.n, self.name = chat, n, chat.name
+
+    async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
+        return await self.chat._submit("chat", (system, user), temperature, seed, self.n)

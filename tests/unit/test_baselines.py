@@ -106,6 +106,28 @@ def test_duplicates_refusals_and_seed_copies_are_requested_again() -> None:
     assert [s.text for s in out] == ["same text", "another text"]
 
 
+
+def test_a_gate_refusal_spends_the_request_and_the_loop_asks_again() -> None:
+    from tools.verify import Sample
+
+    seen: list[Sample] = []
+
+    def gate(row: Sample) -> bool:  # compare's label gate: odd-numbered messages disputed
+        seen.append(row)
+        return row.text.endswith(("2", "4", "6"))
+
+    client = Chat()
+    out = asyncio.run(asynthesize("random", seeds=[], budget=3, client=client, gate=gate,
+                                  settings=BaselineSettings(concurrency=1, label=0)))
+    assert [s.text for s in out] == [f"unique message number {n}" for n in (2, 4, 6)]
+    assert len(client.calls) == 6 and len(seen) == 6  # every accepted text checked once
+    assert {r.label for r in seen} == {0} and seen[1].provenance == out[0].provenance
+    with pytest.raises(BaselineError, match=r"only 1 of 3 samples after 3 requests.*"
+                                            r"'label_disputed': 2"):
+        asyncio.run(asynthesize("random", seeds=[], budget=3, client=Chat(), gate=gate,
+                                settings=BaselineSettings(concurrency=1,
+                                                          max_requests_factor=1)))
+
 def test_concurrency_is_bounded() -> None:
     client = Chat()
     run("random", client, budget=20, concurrency=3)

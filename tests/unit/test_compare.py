@@ -101,19 +101,23 @@ def test_compare_end_to_end_equal_kept_and_paired(parts, tmp_path, monkeypatch) 
     assert out["failures"]["cot-self-instruct"].startswith("failed on seeds 0, 1: ")
     assert "usable rows" in out["failures"]["cot-self-instruct"] and min(out["kept"]) >= 1
     assert "cot-self-instruct failed on seeds 0, 1" in " ".join(res.output.split())
-    # the baselines' rows pass fac's label gate (the seed model's detector judge) first: the
-    # writer's random words claimed toxic are disputed, and too few left is a failure
+    # the baselines' rows pass fac's label gate (the seed model's detector judge) inside
+    # their request loop: the writer's random words claimed toxic are disputed, a disputed
+    # row is a spent request, and too few left is a failure
     for s in (0, 1):
-        gated = json.loads(next((tmp_path / "w").glob(f"*/s{s}/random.gate.json")).read_text())
-        left = gated["generated"] - gated["disputed"]
-        assert 0 <= left <= gated["generated"]
-        if left == 0:
+        calls = json.loads(next((tmp_path / "w").glob(f"*/s{s}/random.calls.json")).read_text())
+        assert calls["kept"] + calls["disputed"] <= calls["calls"]
+        if calls["kept"] < 1:  # MIN_SHARE of --budget 2
             assert "disputed by the label gate" in out["failures"]["random"]
         else:
-            assert out["kept"][s] <= left
-    for name in {"fac", "fac-pos", "random"} & set(methods):  # equal kept budgets per seed
+            assert out["kept"][s] <= calls["kept"]
+    for name in ("fac", "fac-pos"):  # equal kept budgets per seed
         assert methods[name]["n_added"] == np.mean(out["kept"])
         assert methods[name]["paired"]["n"] == 2
+    if "random" in methods:  # a row for each seed it did not fail on, cut to that seed's kept
+        ok = [s for s in (0, 1) if f"seeds {s}" not in out["failures"].get("random", "")]
+        assert methods["random"]["paired"]["n"] == len(ok)
+        assert methods["random"]["n_added"] == np.mean([out["kept"][s] for s in ok])
     assert methods["seed"]["paired"] is None and methods["seed"]["n_added"] == 0
     assert methods["fac"]["loop"]["requests"] > 0
     assert "random" not in methods or methods["random"]["loop"] is None

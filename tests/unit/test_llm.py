@@ -100,6 +100,8 @@ def test_endpoint_backend_chats_and_completes_on_the_same_url(tmp_path) -> None:
         assert client.model.max_tokens == 40
         assert str(client.completions.openai_api_base) == "http://127.0.0.1:9/v1"
         assert client.with_json_schema({"type": "object"}) is client  # unknown server: as is
+        longer = client.with_max_tokens(300)  # a reasoning reply: more room, same endpoint
+        assert longer.model.kwargs["max_tokens"] == 300 and longer.name == "m"
     with pytest.raises(ConfigError, match="no LLM endpoint"):
         with open_llm(Settings(generator="endpoint"), tmp_path):
             pass

@@ -144,6 +144,26 @@ def test_json_schema_is_not_enforced_in_process(tiny_lm) -> None:
     assert chat.with_json_schema({"type": "object"}) is chat
 
 
+def test_longer_replies_share_the_model_and_queue(tiny_lm, monkeypatch) -> None:
+    chat = LocalChat(tiny_lm, max_new_tokens=2)
+    longer = chat.with_max_tokens(6)
+    assert longer.name == chat.name
+    run, lengths = chat._run, []
+
+    def record(batch):  # type: ignore[no-untyped-def]
+        lengths.append(sorted(r.max_new_tokens for r in batch))
+        return run(batch)
+
+    monkeypatch.setattr(chat, "_run", record)
+
+    async def both() -> list[str]:
+        return list(await asyncio.gather(chat.achat("s", "hi", temperature=0.0, seed=0),
+                                         longer.achat("s", "hi", temperature=0.0, seed=0)))
+
+    assert all(isinstance(t, str) for t in asyncio.run(both()))
+    assert sorted(lengths) == [[2], [6]]  # one queue; a batch has one reply length
+
+
 def hook_inputs(lm, sae, run):  # type: ignore[no-untyped-def]
     """What the layer after the SAE's hook receives in the last forward pass of `run()` (the
     prefill, when it generates one token; an earlier pass may measure the residual norm)."""

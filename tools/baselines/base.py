@@ -102,6 +102,10 @@ class BaselineSettings(SamplingSettings):
     # cot-self-instruct
     cot_examples: int = Field(
         2, ge=1, description="cot-self-instruct: seed texts per prompt (the paper shows 2)")
+    cot_max_tokens: int = Field(
+        384, ge=16, description="cot-self-instruct: reply length for the reasoning and the new "
+        "message (the generator's max_new_tokens, tuned for one short message, cut the reply "
+        "before its marker)")
     # prismatic
     prismatic_clusters: int = Field(
         8, ge=2, description="prismatic: k-means clusters of the gradient embeddings")

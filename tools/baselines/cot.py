@@ -13,7 +13,9 @@ The paper's recipe for non-verifiable tasks, and what it is here:
   the new message after the marker `#New message#`.
 - Parsing: only the new prompt is kept -> the text after the last marker, up to a following
   `#...#` or `Step N` heading, cleaned like every baseline's text; the reasoning is dropped,
-  and a reply without the marker is rejected as `no_marker`.
+  and a reply without the marker is rejected as `no_marker`. The reply may run to
+  `cot_max_tokens` (384) tokens, not the generator's max_new_tokens (96, one message): at 96
+  the reasoning alone filled the reply and the marker never came.
 - Filtering: for non-verifiable tasks the paper keeps only prompts that pass RIP (Yu et
   al., 2025, "R.I.P.: Better Models by Survival of the Fittest Prompts": sample responses,
   score them with a reward model, reject prompts whose lowest reward is low). There is no
@@ -39,7 +41,7 @@ from typing import Any
 from prompts import render
 from tools.baselines.base import BaselineSettings, Call, RejectedReply, Strategy
 from tools.baselines.methods import _shorten
-from tools.generate import SYSTEM, AsyncChatClient, clean
+from tools.generate import SYSTEM, AsyncChatClient, clean, longer_replies
 
 PROMPT_COT = "baseline_cot_self_instruct.v1"
 MARKER = "#New message#"
@@ -66,27 +68,31 @@ class CoTSelfInstruct(Strategy):
     def __init__(self, client: AsyncChatClient, s: BaselineSettings, seeds: list[str],
                  rng: random.Random, label: int | None) -> None:
         self.client, self.s, self.seeds, self.rng, self.label = client, s, seeds, rng, label
+        self.thinking = longer_replies(client, s.cot_max_tokens)
 
     def request(self, seed: int) -> tuple[Call, Any]:
         examples = self.rng.sample(self.seeds, min(len(self.seeds), self.s.cot_examples))
         user = render(PROMPT_COT, label=self.label,
                       examples=[_shorten(e, self.s.example_chars) for e in examples])
-        return (lambda: self.client.achat(self.system, user, temperature=self.s.temperature,
-                                          seed=seed)), examples
+        return (lambda: self.thinking.achat(self.system, user,
+                                            temperature=self.s.temperature, seed=seed)), examples
 
     def extract(self, reply: str) -> str:
         return after_marker(reply)
 
 
 class MarkerCut:
-    """An async chat client over `llm` for a pair task's writer: the reply to a request that
-    asks for the marker (a CoT-Self-Instruct prompt) is cut to the text after it (see
-    `after_marker`); other requests (the writer's replies) pass through unchanged."""
+    """An async chat client over `llm` for a pair task's writer: a request that asks for the
+    marker (a CoT-Self-Instruct prompt) may run to `max_tokens` and its reply is cut to the
+    text after the marker (see `after_marker`); other requests (the writer's replies) pass
+    through unchanged."""
 
-    def __init__(self, llm: AsyncChatClient) -> None:
-        self.llm = llm
+    def __init__(self, llm: AsyncChatClient, max_tokens: int) -> None:
+        self.llm, self.thinking = llm, longer_replies(llm, max_tokens)
         self.name = llm.name
 
     async def achat(self, system: str, user: str, *, temperature: float, seed: int) -> str:
-        reply = await self.llm.achat(system, user, temperature=temperature, seed=seed)
-        return after_marker(reply) if MARKER in user else reply
+        if MARKER not in user:
+            return await self.llm.achat(system, user, temperature=temperature, seed=seed)
+        return after_marker(await self.thinking.achat(system, user, temperature=temperature,
+                                                      seed=seed))

@@ -47,18 +47,20 @@ def _is_refusal(text: str) -> bool:
 async def _drive(
     method: str, strategy: Strategy, *, known: Sequence[str], budget: int,
     settings: BaselineSettings, sleep: Callable[[float], Awaitable[None]],
-    allow_short: bool = False,
+    allow_short: bool = False, gate: Callable[[str, int], bool] | None = None,
 ) -> list[tuple[str, int]]:
     """Run `concurrency` workers until `budget` texts are accepted: (text, seed) pairs.
     Fewer after the request limit: BaselineError, or with `allow_short` a warning and what
-    was accepted (compare cuts every method to the smallest kept count anyway)."""
+    was accepted (compare cuts every method to the smallest kept count anyway). `gate`
+    (text, seed) -> keep: the last filter, after the method's own and the shared ones; a
+    text it refuses is rejected as `label_disputed` and the request spent, like any other."""
     limit = max(budget, math.ceil(budget * settings.max_requests_factor))
     out: list[tuple[str, int]] = []
     seen = {normalise(t) for t in known}
     rejected: Counter[str] = Counter()
     counter = itertools.count()
 
-    def judge(text: str, ctx: Any) -> str | None:
+    def judge(text: str, ctx: Any, seed: int) -> str | None:
         if not text:
             return "empty"
         reason = strategy.check(text, ctx)
@@ -66,7 +68,9 @@ async def _drive(
             return reason
         if not getattr(strategy, "refusals_ok", False) and _is_refusal(text):
             return "refusal"
-        return "duplicate" if normalise(text) in seen else None
+        if normalise(text) in seen:
+            return "duplicate"
+        return "label_disputed" if gate is not None and not gate(text, seed) else None
 
     in_flight = 0
     changed = asyncio.Condition()
@@ -90,7 +94,7 @@ async def _drive(
             try:
                 reply = await with_backoff(call, settings.retries, settings.backoff_s, sleep)
                 text = strategy.extract(reply)
-                reason = judge(text, ctx)
+                reason = judge(text, ctx, seed)
             except TransientLLMError as e:
                 raise BaselineError(
                     f"{method}: the LLM still failed after {settings.retries} retries: {e}"
@@ -151,6 +155,7 @@ async def asynthesize(
     labeler: Labeler | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     features: Features | None = None,
+    gate: Callable[[Sample], bool] | None = None,
 ) -> list[Sample]:
     """Exactly `budget` samples by a baseline `method`, in acceptance order.
 
@@ -159,7 +164,9 @@ async def asynthesize(
     them to reject copies. `client`: an AsyncChatClient, or for magpie an
     AsyncCompleteClient. `labeler`: labels the texts (all methods; see the module doc).
     `features`: texts -> [n, d] embeddings (e.g. tools/tasks/base.py `workspace_features`),
-    needed by prismatic and synalign (`NEEDS_FEATURES`)."""
+    needed by prismatic and synalign (`NEEDS_FEATURES`). `gate`: a check of each accepted
+    text as its sample (the asked label), e.g. compare's label gate; a refused one does not
+    count towards `budget` (with `labeler`, the sample's label is None when checked)."""
     settings = settings or BaselineSettings()
     if method not in METHODS:
         raise BaselineError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
@@ -198,8 +205,17 @@ async def asynthesize(
         else:
             strategy = SynAlign(chat, settings, known, rng, cast(Features, features))
 
+    def sample(text: str, seed: int, label: int | None) -> Sample:
+        return Sample(text=text, label=label, provenance=Provenance(
+            feature=NO_FEATURE, round=settings.round, generator=client.name,
+            prompt_version=f"baseline-{method}.{version(method)}",
+            temperature=settings.temperature, seed=seed))
+
+    asked = None if method == "magpie" or labeler is not None else settings.label
     got = await _drive(method, strategy, known=known, budget=budget, settings=settings,
-                       sleep=sleep, allow_short=settings.allow_short)
+                       sleep=sleep, allow_short=settings.allow_short,
+                       gate=None if gate is None else (
+                           lambda text, seed: gate(sample(text, seed, asked))))
     texts = [t for t, _ in got]
     labels: Sequence[int | None]
     if labeler is not None:
@@ -207,16 +223,8 @@ async def asynthesize(
         if len(labels) != len(texts) or any(v not in (0, 1, None) for v in labels):
             raise BaselineError("labeler must return one label (0, 1 or None) per text")
     else:
-        labels = [None if method == "magpie" else settings.label] * len(texts)
-    return [
-        Sample(text=text, label=label, provenance=Provenance(
-            feature=NO_FEATURE, round=settings.round, generator=client.name,
-            prompt_version=f"baseline-{method}.{version(method)}",
-            temperature=settings.temperature,
-            seed=seed,
-        ))
-        for (text, seed), label in zip(got, labels, strict=True)
-    ]
+        labels = [asked] * len(texts)
+    return [sample(text, seed, label) for (text, seed), label in zip(got, labels, strict=True)]
 
 
 def synthesize(
@@ -228,7 +236,9 @@ def synthesize(
     settings: BaselineSettings | None = None,
     labeler: Labeler | None = None,
     features: Features | None = None,
+    gate: Callable[[Sample], bool] | None = None,
 ) -> list[Sample]:
     """Blocking `asynthesize` (not from inside a running event loop)."""
     return asyncio.run(asynthesize(method, seeds=seeds, budget=budget, client=client,
-                                   settings=settings, labeler=labeler, features=features))
+                                   settings=settings, labeler=labeler, features=features,
+                                   gate=gate))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from typing import Any
 
 from prompts import render
@@ -96,11 +97,12 @@ class PairCoT(_Parsed, CoTSelfInstruct):
 
 
 def synthesize_pairs(method: str, task: Any, *, data: Any, budget: int,
-                     client: AsyncChatClient, settings: BaselineSettings) -> list[Sample]:
+                     client: AsyncChatClient, settings: BaselineSettings,
+                     gate: Callable[[Sample], bool] | None = None) -> list[Sample]:
     """Up to `budget` pair samples (text: the pair's probe text, fields: the pair) by
     `method` from the real pairs `data` (shown as `task.examples`, and to the task's writer);
     fewer, with a warning, when the generator rarely writes the layout within the request
-    limit."""
+    limit. `gate`: a check of each parsed pair as its sample (see `asynthesize`)."""
     seeds = task.examples(data)
     if method not in PAIR_METHODS:
         if method in METHODS:
@@ -115,19 +117,20 @@ def synthesize_pairs(method: str, task: Any, *, data: Any, budget: int,
     elif not seeds:
         raise BaselineError(f"{method} needs at least one seed pair")
     elif method == "cot-self-instruct":
-        strategy = PairCoT(task.writer(MarkerCut(client), data), settings, task, list(seeds),
-                           rng)
+        strategy = PairCoT(task.writer(MarkerCut(client, settings.cot_max_tokens), data),
+                           settings, task, list(seeds), rng)
     else:
         make = PairRandom if method == "random" else PairSelfInstruct
         strategy = make(task.writer(client, data), settings, task, list(seeds), rng)
-    got = asyncio.run(_drive(method, strategy, known=seeds,
-                             budget=budget, settings=settings, sleep=asyncio.sleep,
-                             allow_short=True))
-    out = []
-    for text, seed in got:
+    def sample(text: str, seed: int) -> Sample:
         probe, fields = task.read_reply(text)
-        out.append(Sample(text=probe, label=1, fields=fields, provenance=Provenance(
+        return Sample(text=probe, label=1, fields=fields, provenance=Provenance(
             feature=NO_FEATURE, round=settings.round, generator=client.name,
             prompt_version=f"baseline-pairs-{method}.{version(method)}",
-            temperature=settings.temperature, seed=seed)))
-    return out
+            temperature=settings.temperature, seed=seed))
+
+    got = asyncio.run(_drive(method, strategy, known=seeds,
+                             budget=budget, settings=settings, sleep=asyncio.sleep,
+                             allow_short=True, gate=None if gate is None else (
+                                 lambda text, seed: gate(sample(text, seed)))))
+    return [sample(text, seed) for text, seed in got]

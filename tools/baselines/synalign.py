@@ -16,7 +16,8 @@ The paper's three modules, and what they are here:
   and then writes new data from that summary -> one request per drawn seed (the first time
   it is drawn; cached) asks for its topic, intent and style as one line of JSON
   (`baseline_synalign_attributes.v1`, validated with pydantic; a reply that does not parse
-  rejects the request as `no_summary`, and the seed is summarised again when next drawn);
+  rejects the request as `no_summary`, and the seed is summarised again when next drawn;
+  on a vLLM backend the reply is constrained to the JSON schema, `with_json_schema`);
   the generation request (`baseline_synalign.v1`) shows only that summary and the asked
   label, not the seed.
 - Distribution alignment: MMD-based sampling weights make the weighted synthetic rows match
@@ -109,6 +110,9 @@ class SynAlign(Strategy):
         x = checked_features(features, seeds, "synalign")
         self.tracker = ExplorationTracker(x, s.synalign_noise, rng)
         self.summaries: dict[int, Attributes] = {}
+        constrain = getattr(client, "with_json_schema", None)  # vLLM: the server keeps to it
+        self.summarise = constrain(Attributes.model_json_schema(), "attributes") \
+            if callable(constrain) else client
 
     def request(self, seed: int) -> tuple[Call, Any]:
         j = self.tracker.draw()
@@ -120,8 +124,8 @@ class SynAlign(Strategy):
         if attrs is None:
             ask = render(PROMPT_ATTRIBUTES,
                          message=_shorten(self.seeds[j], self.s.example_chars))
-            attrs = parse_attributes(await self.client.achat(SYSTEM_ATTRIBUTES, ask,
-                                                             temperature=t, seed=seed))
+            attrs = parse_attributes(await self.summarise.achat(SYSTEM_ATTRIBUTES, ask,
+                                                                temperature=t, seed=seed))
             self.summaries[j] = attrs
             log.debug("synalign: seed %d: %s", j, attrs)
         user = render(PROMPT_SYNALIGN, label=self.s.label, **attrs.model_dump())
