@@ -1,6 +1,6 @@
-"""The steering task (tools/tasks/steering.py): A/B rows and their options, probe texts,
-splits, the answer position, CAA vectors (fit, steering hook, metric, gate, sweep) on a
-tiny random model, saving, and the generation layout and prompts."""
+"""The steering task (tools/tasks/steering.py, ab_options.py, caa_hooks.py): A/B rows and
+their options, probe texts, splits, the answer position, CAA vectors (fit, steering hook,
+metric, gate, sweep) on a tiny random model, saving, and the generation layout and prompts."""
 
 from __future__ import annotations
 
@@ -17,17 +17,11 @@ import torch
 import prompts
 from tests.tolerance import assert_close_fp32, path_reduction
 from tools.errors import ConfigError, DataError
+from tools.tasks.ab_options import options, stem, swap_options
+from tools.tasks.caa_hooks import steered
 from tools.tasks.pairs import PairDataset
 from tools.tasks.reward import RewardTask
-from tools.tasks.steering import (
-    CaaVector,
-    SteeringTask,
-    _scores,
-    options,
-    steered,
-    stem,
-    swap_options,
-)
+from tools.tasks.steering import CaaVector, SteeringTask, _scores
 
 STEERING = Path(__file__).resolve().parents[3] / "shared" / "data" / "steering"
 

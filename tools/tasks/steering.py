@@ -35,8 +35,7 @@ suffix of its layers), so do not run other work on the same model at the same ti
 from __future__ import annotations
 
 import contextlib
-import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -45,7 +44,27 @@ import numpy as np
 
 from tools.data import read_rows
 from tools.errors import ConfigError, DataError
+from tools.tasks.ab_options import (
+    ANSWER_LEAD,
+    REPLY,
+    check_pair,
+    options,
+    stem,
+    swap_options,
+)
 from tools.tasks.base import Contrast, Features, check_fields
+from tools.tasks.caa_hooks import (
+    Gather,
+    StopForward,
+    capture,
+    decoder_layers,
+    keep_input,
+    length_batches,
+    n_layers,
+    pad_right,
+    run_from_layer,
+    steered,
+)
 from tools.tasks.options import SteeringOptions, check_options
 from tools.tasks.pairs import (
     PairDataset,
@@ -62,99 +81,6 @@ if TYPE_CHECKING:
 
     from tools.models import LoadedModel
     from tools.workspace import Workspace
-
-_OPTION = re.compile(r"^[ \t]*\(([A-Z])\)[ \t]?", re.MULTILINE)
-_LETTER = re.compile(r"\(([A-Z])\)")
-_CHOICES = re.compile(r"(?:^|\n)[ \t]*Choices:\s*$")
-
-
-# -- questions and their options -------------------------------------------------------------
-
-
-def _option_spans(question: str) -> list[tuple[str, int, int]]:
-    """(letter, start, end) of each option's text in the question's last options block: the
-    last line that opens with "(A)", then the lines opening "(B)", "(C)", ... in order. An
-    option's text runs to the next option line (it may span lines); bounds exclude the
-    whitespace around it."""
-    marks = list(_OPTION.finditer(question))
-    firsts = [i for i, m in enumerate(marks) if m.group(1) == "A"]
-    if not firsts:
-        return []
-    block = marks[firsts[-1]:]
-    spans: list[tuple[str, int, int]] = []
-    for j, m in enumerate(block):
-        if m.group(1) != chr(ord("A") + j):
-            break
-        end = block[j + 1].start() if j + 1 < len(block) else len(question)
-        text = question[m.end():end]
-        start = m.end() + len(text) - len(text.lstrip())
-        spans.append((m.group(1), start, m.end() + len(text.rstrip())))
-    return spans
-
-
-def options(question: str) -> dict[str, str]:
-    """Letter ("A") -> option text of the question's options block ({} when it has none)."""
-    return {letter: question[a:b] for letter, a, b in _option_spans(question)}
-
-
-def stem(question: str) -> str:
-    """The question without its options block and a "Choices:" line before it."""
-    marks = list(_OPTION.finditer(question))
-    firsts = [m for m in marks if m.group(1) == "A"]
-    head = question[: firsts[-1].start()] if firsts else question
-    return _CHOICES.sub("", head.rstrip()).rstrip()
-
-
-def swap_options(question: str, a: str, b: str) -> str:
-    """The question with the texts of options `a` and `b` (letters, "A") exchanged."""
-    spans = {letter: (s, e) for letter, s, e in _option_spans(question)}
-    if a not in spans or b not in spans or a == b:
-        raise DataError(f"cannot swap options ({a}) and ({b}): the question's options are "
-                        f"{', '.join(f'({x})' for x in spans) or 'none'}")
-    (s1, e1), (s2, e2) = sorted([spans[a], spans[b]])
-    q = question
-    return q[:s1] + q[s2:e2] + q[e1:s2] + q[s1:e1] + q[e2:]
-
-
-def _letter(value: str) -> str | None:
-    """The letter of an option label like "(A)" (whitespace around it allowed), or None."""
-    m = _LETTER.fullmatch(value.strip())
-    return m.group(1) if m else None
-
-
-def check_pair(question: str, matching: str, not_matching: str) -> tuple[str, str] | None:
-    """(the field at fault, why) when (question, matching, not_matching) is not a valid
-    steering pair; None when it is."""
-    if not question.strip():
-        return "question", "is empty"
-    letters = [_letter(x) for x in (matching, not_matching)]
-    for name, value, letter in zip(("matching", "not_matching"), (matching, not_matching),
-                                   letters, strict=True):
-        if letter is None:
-            return name, f"is {value!r}, not an option letter like \"(A)\""
-    found = options(question)
-    if not found:
-        return "question", ("lists no options; end it with lines like \" (A) Yes\" and "
-                            "\" (B) No\"")
-    if letters[0] == letters[1]:
-        return "not_matching", f"is {not_matching.strip()}, the same as 'matching'"
-    for name, letter in zip(("matching", "not_matching"), letters, strict=True):
-        if letter not in found:
-            return name, (f"is ({letter}) but the question's options are "
-                          f"{', '.join(f'({x})' for x in found)}")
-    return None
-
-
-# -- the generation layout -------------------------------------------------------------------
-
-_REPLY = re.compile(
-    r"^[ \t*#]*Question[ \t*]*:[ \t*]*\n?(?P<q>.*?)\n[ \t*]*Behaviou?r answer[ \t*]*:[ \t*]*"
-    r"\(?(?P<m>[A-Z])\)?[ \t*.]*(?:\n[ \t*]*Other answer[ \t*]*:[ \t*]*\(?(?P<n>[A-Z])\)?)?",
-    re.IGNORECASE | re.DOTALL | re.MULTILINE)
-
-
-_ANSWER_LEAD = re.compile(r"^(?:answer\s*\d?\s*[:.]\s*|\(?[A-Z]\)\s*)", re.IGNORECASE)
-"""A letter or an "Answer 1:" a generated answer may open with."""
 
 # -- the steering vector ---------------------------------------------------------------------
 
@@ -185,46 +111,6 @@ class _Prompt:
     prefix: tuple[int, ...]
     yes: int
     no: int
-
-
-class _Stop(Exception):
-    """Raised by a capture hook once the last wanted layer ran (skips the rest)."""
-
-
-def _decoder(lm: LoadedModel) -> tuple[Any, Any]:
-    """(the decoder stack, its list of decoder layers) of a causal LM."""
-    decoder = lm.model.get_decoder()
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ConfigError(f"model {lm.name}: its decoder has no `layers` list; steering "
-                          "supports Llama-style models (SmolLM2, Llama, Qwen, Mistral)")
-    return decoder, layers
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    hidden: torch.Tensor = output[0] if isinstance(output, tuple) else output
-    return hidden
-
-
-@contextlib.contextmanager
-def steered(lm: LoadedModel, layer: int, delta: np.ndarray | torch.Tensor) -> Iterator[None]:
-    """Within the block, decoder layer `layer` of `lm` adds `delta` ([d_model]) to its output
-    at every position; the hook is removed on leaving, also after an error."""
-    import torch
-
-    _, layers = _decoder(lm)
-    add = torch.as_tensor(np.asarray(delta) if isinstance(delta, np.ndarray) else delta)
-
-    def hook(module: Any, args: Any, output: Any) -> Any:
-        h = _hidden(output)
-        shifted = h + add.to(device=h.device, dtype=h.dtype)
-        return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
-
-    handle = layers[layer].register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 # -- the task --------------------------------------------------------------------------------
@@ -343,7 +229,7 @@ class SteeringTask(PairTask):
         options block dropped, each answer on one line without a letter of its own, the
         behaviour behind (A) for even seeds and (B) for odd ones; "" (rejected as empty)
         when an answer is only a letter, or both say the same."""
-        shows, other = (_ANSWER_LEAD.sub("", " ".join(x.split())) for x in (shows, other))
+        shows, other = (ANSWER_LEAD.sub("", " ".join(x.split())) for x in (shows, other))
         if not shows or not other or shows.casefold() == other.casefold():
             return ""
         first, second = (shows, other) if seed % 2 == 0 else (other, shows)
@@ -361,7 +247,7 @@ class SteeringTask(PairTask):
         answer" may be left out when the question has exactly two options."""
         from prompts import unfence
 
-        m = _REPLY.search(unfence(reply).replace("\r\n", "\n"))
+        m = REPLY.search(unfence(reply).replace("\r\n", "\n"))
         if m is None:
             return None
         question, matching, other = m.group("q").strip(), m.group("m").upper(), m.group("n")
@@ -383,7 +269,7 @@ class SteeringTask(PairTask):
     def default_layer(self) -> int:
         """`layer`, or the middle decoder layer of the bound model."""
         lm = self._lm()
-        n = _n_layers(lm)
+        n = n_layers(lm)
         layer = n // 2 if self.layer is None else self.layer
         if not 0 <= layer < n:
             raise ConfigError(f"layer {layer} is out of range: {lm.name} has {n} layers")
@@ -426,17 +312,17 @@ class SteeringTask(PairTask):
         import torch
 
         lm = self._lm()
-        decoder, blocks = _decoder(lm)
+        decoder, blocks = decoder_layers(lm)
         wanted = sorted(set(layers))
         got: dict[int, list[np.ndarray]] = {layer: [] for layer in wanted}
         order: list[int] = []
-        for idx in _batches([len(s) for s in seqs], self.batch_size):
-            ids = _pad([seqs[i] for i in idx], lm)
-            at = _Gather(ids, [len(seqs[i]) - 1 for i in idx])
+        for idx in length_batches([len(s) for s in seqs], self.batch_size):
+            ids = pad_right([seqs[i] for i in idx], lm)
+            at = Gather(ids, [len(seqs[i]) - 1 for i in idx])
             handles = [blocks[layer].register_forward_hook(
-                _capture(got[layer], at, stop=layer == wanted[-1])) for layer in wanted]
+                capture(got[layer], at, stop=layer == wanted[-1])) for layer in wanted]
             try:
-                with torch.inference_mode(), contextlib.suppress(_Stop):
+                with torch.inference_mode(), contextlib.suppress(StopForward):
                     decoder(input_ids=ids, use_cache=False)
             finally:
                 for h in handles:
@@ -467,19 +353,19 @@ class SteeringTask(PairTask):
         import torch
 
         lm = self._lm()
-        decoder, blocks = _decoder(lm)
+        decoder, blocks = decoder_layers(lm)
         head = lm.model.get_output_embeddings()
         starts = sorted({layer for layer, _ in configs}) if replay else []
         trusted: dict[int, bool] = {}
         out = np.zeros((1 + len(configs), len(prompts)))
-        for idx in _batches([len(p.prefix) for p in prompts], self.batch_size):
+        for idx in length_batches([len(p.prefix) for p in prompts], self.batch_size):
             batch = [prompts[i] for i in idx]
-            ids = _pad([p.prefix for p in batch], lm)
-            at = _Gather(ids, [len(p.prefix) - 1 for p in batch],
+            ids = pad_right([p.prefix for p in batch], lm)
+            at = Gather(ids, [len(p.prefix) - 1 for p in batch],
                          [p.yes for p in batch], [p.no for p in batch])
             inputs: dict[int, torch.Tensor] = {}
             handles = [blocks[layer].register_forward_pre_hook(
-                _keep_input(inputs, layer), with_kwargs=True) for layer in starts]
+                keep_input(inputs, layer), with_kwargs=True) for layer in starts]
             with torch.inference_mode():
                 try:
                     out[0, idx] = zero = at.answer(
@@ -489,11 +375,12 @@ class SteeringTask(PairTask):
                         h.remove()
                 for j, (layer, delta) in enumerate(configs, start=1):
                     if layer in inputs and layer not in trusted:
-                        check = at.answer(head, _replay(decoder, blocks, layer, inputs[layer]))
+                        check = at.answer(head, run_from_layer(decoder, blocks, layer,
+                                                                inputs[layer]))
                         trusted[layer] = bool(np.allclose(check, zero, rtol=1e-3, atol=1e-3))
                     with steered(lm, layer, delta):
                         if trusted.get(layer):
-                            hidden = _replay(decoder, blocks, layer, inputs[layer])
+                            hidden = run_from_layer(decoder, blocks, layer, inputs[layer])
                         else:
                             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
                         out[j, idx] = at.answer(head, hidden)
@@ -567,7 +454,7 @@ class SteeringTask(PairTask):
         vector's `norm`."""
         if not len(dev):
             raise DataError(f"{dev.source}: no pairs to score")
-        n = _n_layers(self._lm())
+        n = n_layers(self._lm())
         bad = [x for x in layers if not 0 <= x < n]
         if bad or not layers:
             raise ConfigError(f"layers must be in [0, {n - 1}], got {list(layers)}")
@@ -597,89 +484,6 @@ class SteeringTask(PairTask):
                              float(meta["multiplier"]), float(meta.get("scale", 1.0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{folder}: not a saved steering vector (no {exc})") from None
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def _n_layers(lm: LoadedModel) -> int:
-    return len(_decoder(lm)[1])
-
-
-def _batches(lengths: Sequence[int], size: int) -> list[list[int]]:
-    """Indices grouped into batches of `size`, by length (little padding)."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i:i + size] for i in range(0, len(order), size)]
-
-
-def _pad(seqs: Sequence[Sequence[int]], lm: LoadedModel) -> torch.Tensor:
-    """[b, T] token ids, right-padded. No attention mask is needed: the model is causal, so a
-    real token never sees the padding after it, and only real positions are read."""
-    import torch
-
-    pad = lm.tokenizer.pad_token_id
-    pad = 0 if pad is None else int(pad)
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-    return ids.to(lm.device)
-
-
-class _Gather:
-    """Where a padded batch is read: each row's position, and the two answer tokens there."""
-
-    def __init__(self, ids: torch.Tensor, last: Sequence[int], yes: Sequence[int] = (),
-                 no: Sequence[int] = ()) -> None:
-        import torch
-
-        self.rows = torch.arange(len(last), device=ids.device)
-        self.last = torch.tensor(list(last), device=ids.device)
-        self.yes = torch.tensor(list(yes), dtype=torch.long, device=ids.device)
-        self.no = torch.tensor(list(no), dtype=torch.long, device=ids.device)
-
-    def states(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[b, d] each row's hidden state at its position."""
-        return hidden[self.rows, self.last]
-
-    def answer(self, head: Any, hidden: torch.Tensor) -> np.ndarray:
-        """[b] logit(matching) - logit(not matching) from final hidden states [b, T, d]."""
-        logits = head(self.states(hidden))
-        margin = logits[self.rows, self.yes] - logits[self.rows, self.no]
-        return np.asarray(margin.float().cpu().numpy(), dtype=np.float64)
-
-
-def _capture(sink: list[np.ndarray], at: _Gather, stop: bool) -> Any:
-    """A forward hook that appends the layer's output at `at`'s positions to `sink`."""
-
-    def hook(module: Any, args: Any, output: Any) -> None:
-        sink.append(at.states(_hidden(output)).float().cpu().numpy())
-        if stop:
-            raise _Stop
-
-    return hook
-
-
-def _keep_input(sink: dict[int, Any], layer: int) -> Any:
-    """A forward pre-hook that keeps the layer's input hidden states in `sink[layer]`."""
-
-    def pre(module: Any, args: Any, kwargs: Any) -> None:
-        sink[layer] = args[0] if args else kwargs["hidden_states"]
-
-    return pre
-
-
-def _replay(decoder: Any, blocks: Any, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-    """The decoder's final hidden states, running only layers `layer`.. on `hidden` (the
-    input to `layer`): the decoder's own forward, with its layer list cut for the call."""
-    import torch
-
-    decoder.layers = torch.nn.ModuleList(list(blocks)[layer:])
-    try:
-        out = decoder(inputs_embeds=hidden, use_cache=False).last_hidden_state
-        return out  # type: ignore[no-any-return]
-    finally:
-        decoder.layers = blocks
 
 
 def _scores(zero: np.ndarray, plus: np.ndarray, minus: np.ndarray, n: int) -> dict[str, float]:
