@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from tools.errors import ConfigError
-from tools.generate import longer_replies
+from tools.generate import json_replies, longer_replies
 from tools.settings import Settings
 
 if TYPE_CHECKING:
@@ -95,9 +95,7 @@ class LazyLLM:
         return longer_replies(self._opener(), n)
 
     def with_json_schema(self, schema: dict[str, Any], name: str = "reply") -> Any:
-        client = self._opener()
-        constrain = getattr(client, "with_json_schema", None)
-        return constrain(schema, name) if constrain is not None else client
+        return json_replies(self._opener(), schema, name)
 
 
 @contextlib.contextmanager

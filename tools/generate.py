@@ -52,6 +52,13 @@ def longer_replies(client: Any, n: int) -> Any:
     return longer(n) if callable(longer) else client
 
 
+def json_replies(client: Any, schema: dict[str, Any], name: str = "reply") -> Any:
+    """`client.with_json_schema(schema, name)`, replies constrained to the JSON schema where
+    the client offers it (agent.llm on vLLM: structured outputs), else the client itself."""
+    constrain = getattr(client, "with_json_schema", None)
+    return constrain(schema, name) if callable(constrain) else client
+
+
 class SteeringChatClient(AsyncChatClient, Protocol):
     """A client that can steer a reply towards an SAE feature while sampling; it says so
     with `can_steer = True` (tools/local_llm.py `LocalChat` with an SAE)."""

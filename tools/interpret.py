@@ -20,6 +20,7 @@ from memory.feature_memory import FeatureMemory, FeatureRecord
 from prompts import render
 from tools.coverage import Span
 from tools.errors import FacsynthError
+from tools.generate import json_replies
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,7 @@ def ask_json(client: ChatClient, system: str, user: str, schema: type[M], retrie
     """Ask until the reply is a valid `schema` object; invalid replies are sent back with
     the validation problem, up to `retries` times. A client with `with_json_schema(schema,
     name)` (agent.llm: vLLM's structured outputs) is asked for schema-constrained replies."""
-    constrain = getattr(client, "with_json_schema", None)
-    if constrain is not None:
-        client = constrain(schema.model_json_schema(), schema.__name__)
+    client = json_replies(client, schema.model_json_schema(), schema.__name__)
     problem = ""
     for attempt in range(retries + 1):
         ask = user if not problem else (

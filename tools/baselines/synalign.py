@@ -44,7 +44,7 @@ from tools.baselines.base import BaselineSettings, Call, Features, RejectedReply
 from tools.baselines.methods import _shorten
 from tools.baselines.prismatic import checked_features
 from tools.diversity import gaussian_kernel, median_bandwidth
-from tools.generate import SYSTEM, AsyncChatClient
+from tools.generate import SYSTEM, AsyncChatClient, json_replies
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,7 @@ class SynAlign(Strategy):
         x = checked_features(features, seeds, "synalign")
         self.tracker = ExplorationTracker(x, s.synalign_noise, rng)
         self.summaries: dict[int, Attributes] = {}
-        constrain = getattr(client, "with_json_schema", None)  # vLLM: the server keeps to it
-        self.summarise = constrain(Attributes.model_json_schema(), "attributes") \
-            if callable(constrain) else client
+        self.summarise = json_replies(client, Attributes.model_json_schema(), "attributes")
 
     def request(self, seed: int) -> tuple[Call, Any]:
         j = self.tracker.draw()
