@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -240,6 +241,31 @@ def resolve_model_source(spec: str, cache_dir: Path) -> tuple[str, str]:
             "a local model folder, or a hub id like org/name"
         )
     return spec, spec
+
+
+def model_bytes(spec: str, cache_dir: Path) -> int | None:
+    """Bytes the model's weights take once loaded in fp32 (its weight files' size, scaled
+    by the dtype its config.json names), or None when its files are not on this machine
+    (a hub id not yet in the local cache)."""
+    source, _ = resolve_model_source(spec, cache_dir)
+    folder = Path(source)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # noqa: BLE001  # not cached (or no such repo): unknown
+            return None
+    weights = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+    if not weights:
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    stored = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    scale = 2 if stored in ("bfloat16", "float16") else 1
+    return scale * sum(p.stat().st_size for p in weights)
 
 
 def load_model(

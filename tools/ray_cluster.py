@@ -10,9 +10,13 @@ stdout stays clean (the stdio MCP server).
 Sizing: Ray Data hangs when actors hold every CPU, since the read and write tasks can
 then never be scheduled; so the actors together take the cluster's CPUs less one (half
 of a one-CPU cluster), and every read, hash and write task asks for a quarter of what is
-left. Ray's CPUs are only scheduling slots: on a cluster facsynth started, each actor's
-torch threads are this machine's cores shared out among the actors (reading and writing
-are light next to the model); on a given cluster, its actors' `num_cpus`.
+left. Ray's CPUs are only scheduling slots. On a cluster facsynth started, the actors are
+one single-threaded actor per core of this machine, as many as half of its available
+memory holds copies of the model. Measured on 2 cores (bench/README "Scale-out"): a
+two-thread actor's calls ran 20-25% slower inside a Ray Data pipeline than the same calls
+in a plain process or a plain Ray actor (likely: its threads meet at a barrier in every
+op, so any wake-up of Ray's processes stalls both), and two one-thread actors probe 1.3x
+as fast as it. On a given cluster, an actor per 4 of its CPUs, with that many threads.
 """
 
 from __future__ import annotations
@@ -60,9 +64,12 @@ class ActorPlan:
 
 
 def plan_actors(cluster: Cluster, concurrency: int | None, *, cuda: bool,
-                local_cores: int | None = None) -> ActorPlan:
+                local_cores: int | None = None, actor_bytes: int | None = None,
+                free_bytes: int | None = None) -> ActorPlan:
     """Actor count and resources for `cluster` (see the module doc). `local_cores`: this
-    machine's cores when facsynth started the cluster here."""
+    machine's cores when facsynth started the cluster here; `actor_bytes` (one actor's
+    model, when known) and `free_bytes` (this machine's available memory) cap the actors
+    started there."""
     if concurrency is not None and concurrency < 1:
         raise ConfigError(f"--concurrency {concurrency}: give at least 1 actor")
     free = 1.0 if cluster.cpus >= 2 else cluster.cpus / 2
@@ -74,16 +81,37 @@ def plan_actors(cluster: Cluster, concurrency: int | None, *, cuda: bool,
                               f"{cluster.gpus:g}: lower --concurrency")
         per = min(1.0, budget / n)
         return ActorPlan(n, per, 1.0, free / 4, max(1, math.floor(per)))
+    if local_cores:
+        fits = local_cores
+        if actor_bytes and free_bytes:
+            fits = min(fits, max(1, free_bytes // 2 // actor_bytes))
+        n = concurrency or fits
+        return ActorPlan(n, budget / n, None, free / 4, max(1, local_cores // n))
     n = concurrency or max(1, int(budget // CPUS_PER_ACTOR))
     per = budget / n
-    threads = max(1, local_cores // n) if local_cores else max(1, math.floor(per))
-    return ActorPlan(n, per, None, free / 4, threads)
+    return ActorPlan(n, per, None, free / 4, max(1, math.floor(per)))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux's MemAvailable; else free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
 
 
 def _configure_ray_data() -> None:
     """Errors in map UDFs reach the driver as themselves (a DataError stays one, not a
     UserCodeException with only its text); no Ray progress bars (the CLI has its own);
-    Ray Data's INFO logs (each execution plan) only for --verbose runs."""
+    Ray Data's INFO logs (each execution plan) and its every-30-s advice to reserve the
+    actors' memory (facsynth sizes the actors by memory itself) only for --verbose runs."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -92,6 +120,7 @@ def _configure_ray_data() -> None:
     if logging.getLogger().getEffectiveLevel() > logging.INFO:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        ctx.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
 
 
 def _describe(started: bool) -> Cluster:

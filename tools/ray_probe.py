@@ -34,7 +34,7 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from tools.errors import ConfigError, DataError, FacsynthError
-from tools.models import PROFILES, LoadedModel, resolve_model_source
+from tools.models import PROFILES, LoadedModel, model_bytes, resolve_model_source
 from tools.probe import (
     ProbeResult,
     cache_namespace,
@@ -43,7 +43,7 @@ from tools.probe import (
     probe_batch,
     top_spans,
 )
-from tools.ray_cluster import BATCH_SIZE, plan_actors, ray_cluster
+from tools.ray_cluster import BATCH_SIZE, available_memory, plan_actors, ray_cluster
 from tools.ray_io import ShardSink, pool_keys, read_pool, todo_rows
 from tools.sae import check_fits, load_sae
 from tools.settings import Settings
@@ -55,6 +55,12 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 """Called with the number of texts just written to the shards."""
 ROWS_PER_SHARD = 4096
+MIN_CALL = 128
+"""Fewest texts per actor call when a small pool is spread over the actors."""
+CALLS_PER_ACTOR = 2
+"""A small pool is cut into at least this many calls per actor, so every actor gets
+work; not more, since the probe buckets a call's texts by length and a small call buckets
+worse (2,000 rows on two 1-thread actors: 80 rows/s at ~500 texts a call, 73 at ~250)."""
 
 
 def _sae_spec(settings: Settings) -> str:
@@ -98,6 +104,16 @@ class ProbeRun:
     """texts probed (written) by this run"""
     seconds: float
     """wall time of the probing pass"""
+
+
+WORKER_BYTES = 768 * 2**20
+"""A probe actor's memory besides the model: Python, torch, the SAE, a call's activations
+(the embedded model's actors peaked at 1,022 MiB with its 513 MiB of weights)."""
+
+
+def _actor_bytes(settings: Settings) -> int | None:
+    weights = model_bytes(settings.model, settings.home)
+    return None if weights is None else weights + WORKER_BYTES
 
 
 class _ProbeActor:
@@ -188,8 +204,10 @@ def ray_probe(
     on_total: Progress | None = None, rows_per_shard: int | None = None,
 ) -> ProbeRun:
     """Probe every text of `source` not yet in the shards at `out_dir` (default:
-    `default_shards_dir`) on Ray: `concurrency` actors (default: one per GPU, else one per
-    4 CPUs) of `batch_size` texts per call. `on_total` hears how many texts are to probe
+    `default_shards_dir`) on Ray: `concurrency` actors (default: one per GPU; on a cluster
+    facsynth starts, one per core as memory allows; else one per 4 CPUs) of at most
+    `batch_size` texts per call (fewer for small pools: every actor gets
+    `CALLS_PER_ACTOR` calls or more). `on_total` hears how many texts are to probe
     once the first pass knows, `progress` the texts as their parts land. `rows_per_shard`:
     rows per part file (default 4,096, fewer for small pools so a kill loses little)."""
     source = str(source)
@@ -201,12 +219,18 @@ def ray_probe(
         with ray_cluster(address) as cluster:
             # a cluster we connected to: its own GPUs, whatever this machine has
             cuda = torch.cuda.is_available() if cluster.started else cluster.gpus > 0
+            here = cluster.started and not cuda
             plan = plan_actors(cluster, concurrency, cuda=cuda,
-                               local_cores=os.cpu_count() if cluster.started else None)
+                               local_cores=os.cpu_count() if cluster.started else None,
+                               actor_bytes=_actor_bytes(settings) if here else None,
+                               free_bytes=available_memory() if here else None)
             keys = pool_keys(source, text_field, num_cpus=plan.io_cpus)
             todo = np.setdiff1d(np.unique(keys), shards.keys())
             log.info("%d pool rows, %d texts to probe, %d actors x %.2f CPUs (%d threads)",
                      len(keys), len(todo), plan.concurrency, plan.num_cpus, plan.threads)
+            if len(todo):
+                calls = CALLS_PER_ACTOR * plan.concurrency
+                batch_size = min(batch_size, max(MIN_CALL, -(-len(todo) // calls)))
             if on_total:
                 on_total(len(todo))
             start = time.perf_counter()
@@ -218,12 +242,17 @@ def ray_probe(
                 blocks = max(plan.concurrency * 4, -(-len(keys) // (batch_size * 8)))
                 ds = read_pool(source, text_field, num_cpus=plan.io_cpus, blocks=blocks)
                 ds = ds.map_batches(todo_rows,  # type: ignore[arg-type]  # rest: fn_kwargs
+                                    batch_size=None,  # whole blocks: sorted by length
                                     batch_format="pyarrow", num_cpus=plan.io_cpus,
                                     fn_kwargs={"text_field": text_field, "todo": todo})
                 gpu: dict[str, Any] = {"num_gpus": plan.num_gpus} if plan.num_gpus else {}
                 ds = ds.map_batches(
                     _ProbeActor, batch_size=batch_size, batch_format="pyarrow",
-                    compute=ActorPoolStrategy(size=plan.concurrency), num_cpus=plan.num_cpus,
+                    # CPU calls take seconds: no queue per actor, so a call goes to the
+                    # next free actor (GPU ones keep Ray's prefetching queue)
+                    compute=ActorPoolStrategy(size=plan.concurrency,
+                                              max_tasks_in_flight_per_actor=None if cuda else 1),
+                    num_cpus=plan.num_cpus,
                     fn_constructor_kwargs={"settings": settings, "manifest": manifest,
                                            "threads": plan.threads}, **gpu)
                 with _watch(shards, progress):

@@ -54,9 +54,12 @@ RayAddressOpt = Annotated[str | None, typer.Option(
     "--ray-address", help="--engine ray: the Ray cluster to use (default: RAY_ADDRESS, else "
     "a single-node cluster on this machine, stopped afterwards)")]
 ConcurrencyOpt = Annotated[int | None, typer.Option(
-    min=1, help="--engine ray: probe actors (default: one per GPU, else one per 4 CPUs)")]
+    min=1, help="--engine ray: probe actors (default: one per GPU; on the cluster facsynth "
+    "starts, one single-threaded actor per core, as many as half the free memory holds; "
+    "on a given cluster, one per 4 CPUs)")]
 BatchSizeOpt = Annotated[int | None, typer.Option(
-    min=1, help=f"--engine ray: texts per actor call (default {BATCH_SIZE})")]
+    min=1, help=f"--engine ray: most texts per actor call (default {BATCH_SIZE}; small "
+    "pools get smaller calls, 2 or more per actor)")]
 
 
 @contextmanager

@@ -273,8 +273,8 @@ def test_compare_on_the_ray_engine_equals_the_local_engine(cluster, world, tmp_p
 
 
 @pytest.mark.parametrize(("cpus", "gpus", "cuda", "concurrency", "want"), [
-    (1, 0, False, None, (1, 0.5, 2)),  # this machine's cluster: half a CPU to the actor
-    (15, 0, False, None, (3, 14 / 3, 5)),  # 16 cores, facsynth's cluster of 15 CPUs
+    (1, 0, False, None, (2, 0.25, 1)),  # this machine's cluster: a one-thread actor a core
+    (15, 0, False, None, (16, 14 / 16, 1)),  # 16 cores, facsynth's cluster of 15 CPUs
     (8, 0, False, 2, (2, 3.5, 4)),
     (64, 8, True, None, (8, 1.0, 1)),  # one actor per GPU
 ], ids=["1-cpu", "15-cpu", "2-actors", "8-gpu"])
@@ -290,6 +290,32 @@ def test_actors_leave_a_cpu_for_reads(cpus, gpus, cuda, concurrency, want) -> No
     assert plan.concurrency * plan.num_cpus + plan.io_cpus <= cpus  # a read task always fits
     with pytest.raises(ConfigError, match="need 9 GPUs"):
         plan_actors(Cluster(64, 8, started=False), 9, cuda=True)
+
+
+def test_actors_on_this_machine_fit_in_half_its_memory() -> None:
+    from tools.ray_cluster import Cluster, plan_actors
+
+    here = Cluster(15, 0, started=True)
+    plan = plan_actors(here, None, cuda=False, local_cores=16, actor_bytes=2 * 2**30,
+                       free_bytes=17 * 2**30)  # half: 8.5 GB, four 2 GB actors
+    assert (plan.concurrency, plan.threads) == (4, 4)
+    tight = plan_actors(here, None, cuda=False, local_cores=16, actor_bytes=8 * 2**30,
+                        free_bytes=4 * 2**30)
+    assert (tight.concurrency, tight.threads) == (1, 16)  # always one, even if tight
+    given = plan_actors(Cluster(16, 0, started=False), None, cuda=False)
+    assert (given.concurrency, given.threads) == (3, 5)  # a given cluster: one per 4 CPUs
+
+
+def test_model_bytes_reads_the_weight_files(tmp_path) -> None:
+    from tools.models import model_bytes
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    (folder / "model.safetensors").write_bytes(bytes(1000))
+    assert model_bytes(str(folder), tmp_path) == 2000  # bf16 on disk, fp32 once loaded
+    (folder / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    assert model_bytes(str(folder), tmp_path) == 1000
 
 
 def test_spans_for_pool_rows_are_the_local_probes(world) -> None:
