@@ -3,11 +3,13 @@
 On the embedded model and SAE, in one run:
 
 (a) rows/s of the local engine (`tools.probe.probe_texts` through a fresh activation
-    cache, from a cold start: model and SAE load included) and of the ray engine
+    cache, in a fresh process: imports, model and SAE load included) and of the ray engine
     (`tools.ray_probe.ray_probe` into fresh shards; its probing pass, actor start-up and
-    so model load included) on the same first `--rate-rows` pool rows; the local
-    probing's own rate too, which (b)'s long ray pass is set beside (its start-up spread
-    over the whole pool);
+    so model load included) on the same first N pool rows, for each N of `--rate-rows`
+    (default 2,000 and 10,000: the small one shows the fixed start-up costs, the large one
+    the throughput of a pool worth Ray; the last line's ratio is the largest N's); the
+    local probing's own rate too, which (b)'s long ray pass is set beside (its start-up
+    spread over the whole pool);
 (b) the pool (the shared toxicity corpora in ../shared/data/toxicity, shuffled, near- and
     exact duplicates kept) probed once on ray up to the largest size (resumable: rerun
     and it skips what is done);
@@ -19,12 +21,12 @@ On the embedded model and SAE, in one run:
     slope of peak RSS per row, and the data side's time per stored row (it reads every
     stored row, keeping those of the size asked for).
 
-    python bench/scale.py [--sizes 5000,10000,20000,40000] [--rate-rows 2000]
-                          [--work bench/out/scale] [--batch-size 64] [--concurrency N]
+    python bench/scale.py [--sizes 5000,10000,20000,40000] [--rate-rows 2000,10000]
+                          [--work bench/out/scale] [--batch-size 1024] [--concurrency N]
                           [--corpora ../shared/data/toxicity] [--anchor .../toxicchat_train.jsonl]
 
 Needs tools/coverage.py's coverage() to take the data side as (n_rows, rows).
-Last line: ray_vs_local=<ray rows/s / local rows/s> rss_<smallest>_gb=<peak RSS>
+Last line: ray_vs_local=<ray rows/s / local rows/s, largest N> rss_<smallest>_gb=<peak RSS>
 rss_<largest>_gb=<peak RSS> rows_per_s_local=<local rows/s>
 """
 
@@ -69,14 +71,15 @@ def build_pool(n: int, corpora: Path, out: Path) -> list[str]:
 
 
 def rate_local(texts: list[str], settings: Settings) -> tuple[float, float]:
-    """(rows/s from a cold start: model and SAE load included, as in the ray pass's actor
-    start-up; rows/s of the probing alone) through a fresh activation cache."""
+    """(rows/s from a cold start: imports, model and SAE load included, as in the ray
+    pass's actor start-up; rows/s of the probing alone) through a fresh activation cache.
+    Run in a fresh process (`local_in_subprocess`), so that every N starts cold."""
+    cold = time.perf_counter()
     from memory.activation_cache import ActivationCache
     from tools.probe import probe_texts
     from tools.workspace import Workspace
 
     with tempfile.TemporaryDirectory() as tmp:
-        cold = time.perf_counter()
         ws = Workspace(settings)
         lm, sae = ws.model, ws.sae
         cache = ActivationCache(Path(tmp) / "acts.sqlite")
@@ -85,6 +88,15 @@ def rate_local(texts: list[str], settings: Settings) -> tuple[float, float]:
         end = time.perf_counter()
         cache.close()
     return len(texts) / (end - cold), len(texts) / (end - start)
+
+
+def local_in_subprocess(n: int, args: argparse.Namespace) -> tuple[float, float]:
+    done = subprocess.run([sys.executable, __file__, "--child-rate", str(n), "--work",
+                           str(args.work)], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"the local rate on {n} rows failed:\n{done.stderr[-3000:]}")
+    cold, warm = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(cold), float(warm)
 
 
 def rate_ray(pool: Path, settings: Settings, args: argparse.Namespace) -> tuple[float, float]:
@@ -184,33 +196,39 @@ def label(size: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description="ray vs local engine, coverage memory (module doc)")
     ap.add_argument("--sizes", default="5000,10000,20000,40000")
-    ap.add_argument("--rate-rows", type=int, default=2000)
+    ap.add_argument("--rate-rows", default="2000,10000", help="comma-separated row counts")
     ap.add_argument("--work", type=Path, default=Path("bench/out/scale"))
     ap.add_argument("--corpora", type=Path, default=SHARED, help="folder of *.jsonl pools")
     ap.add_argument("--anchor", type=Path, default=SHARED / "toxicchat_train.jsonl")
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--concurrency", type=int, default=None)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-rate", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     settings = Settings()
     if args.child is not None:
         print(json.dumps(measure_coverage(args.child, args.work, args.anchor, settings)))
         return
+    if args.child_rate is not None:
+        rate = [json.loads(line)["text"] for line in (args.work / "rate.jsonl").open()]
+        print(json.dumps(rate_local(rate[:args.child_rate], settings)))
+        return
     sizes = sorted(int(s) for s in args.sizes.split(","))
     args.work.mkdir(parents=True, exist_ok=True)
     texts = build_pool(max(sizes), args.corpora, args.work / "pool.jsonl")
-    n_rate = min(args.rate_rows, len(texts))
-    rate_pool = args.work / "rate.jsonl"
-    rate_pool.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:n_rate]))
     print(f"pool: {len(texts)} rows ({len(set(texts))} distinct) from {args.corpora}; "
           f"anchor {args.anchor.name}", flush=True)
-
-    local, warm = rate_local(texts[:n_rate], settings)
-    print(f"(a) local engine: {local:7.1f} rows/s on {n_rate} rows (fresh cache, model load "
-          f"included; {warm:.1f} rows/s probing alone)", flush=True)
-    ray_rate, ray_wall = rate_ray(rate_pool, settings, args)
-    print(f"    ray engine:   {ray_rate:7.1f} rows/s on the same rows (fresh shards; "
-          f"{ray_wall:.0f}s with cluster start and the hashing pass)", flush=True)
+    for n_rate in sorted({min(int(n), len(texts)) for n in args.rate_rows.split(",")}):
+        rate_pool = args.work / "rate.jsonl"
+        rate_pool.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:n_rate]))
+        local, warm = local_in_subprocess(n_rate, args)
+        print(f"(a) local engine: {local:7.1f} rows/s on {n_rate} rows (a fresh process and "
+              f"cache: imports and model load included; {warm:.1f} rows/s probing alone)",
+              flush=True)
+        ray_rate, ray_wall = rate_ray(rate_pool, settings, args)
+        print(f"    ray engine:   {ray_rate:7.1f} rows/s on the same rows (fresh shards; "
+              f"{ray_wall:.0f}s with cluster start and the hashing pass): "
+              f"ratio {ray_rate / local:.2f}", flush=True)
 
     from tools.ray_probe import ray_probe
     from tools.workspace import Workspace
