@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -90,12 +90,18 @@ def rate_local(texts: list[str], settings: Settings) -> tuple[float, float]:
     return len(texts) / (end - cold), len(texts) / (end - start)
 
 
-def local_in_subprocess(n: int, args: argparse.Namespace) -> tuple[float, float]:
-    done = subprocess.run([sys.executable, __file__, "--child-rate", str(n), "--work",
-                           str(args.work)], capture_output=True, text=True, check=False)
+def run_child(flags: list[str], what: str) -> Any:
+    """This script in a fresh process with `flags`: the JSON of its last stdout line."""
+    done = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True,
+                          check=False)
     if done.returncode:
-        raise SystemExit(f"the local rate on {n} rows failed:\n{done.stderr[-3000:]}")
-    cold, warm = json.loads(done.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def local_in_subprocess(n: int, args: argparse.Namespace) -> tuple[float, float]:
+    cold, warm = run_child(["--child-rate", str(n), "--work", str(args.work)],
+                           f"the local rate on {n} rows")
     return float(cold), float(warm)
 
 
@@ -180,12 +186,9 @@ def select_streamed(texts: list[str], shards: ShardSet, anchor: TextDataset,
 
 def coverage_in_subprocess(size: int, args: argparse.Namespace) -> dict[str, float]:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", str(size), "--work",
-                           str(args.work), "--anchor", str(args.anchor)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"coverage at {size} rows failed:\n{done.stderr[-3000:]}")
-    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, float] = run_child(["--child", str(size), "--work", str(args.work),
+                                          "--anchor", str(args.anchor)],
+                                         f"coverage at {size} rows")
     return {**result, "wall": time.perf_counter() - start}
 
 
